@@ -1,1 +1,60 @@
-fn main() {}
+//! `flotilla`: the launcher. Takes qemu-system-x86_64's options, builds the machine description
+//! and runs vmm-core with it (`vmm-core --config-json '<json>'`), supervising it like a QEMU
+//! process: signals, exit status, -pidfile, -daemonize.
+
+mod cli;
+mod qemu_opts;
+mod supervise;
+
+use cli::Action;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let mut args = Vec::new();
+    for (i, a) in std::env::args_os().skip(1).enumerate() {
+        match a.into_string() {
+            Ok(s) => args.push(s),
+            Err(a) => {
+                eprintln!("flotilla: {}: argument {} is not valid UTF-8", a.to_string_lossy(), i + 1);
+                std::process::exit(1);
+            }
+        }
+    }
+    let opts = match cli::parse(&args) {
+        Ok(Action::Run(o)) => o,
+        Ok(Action::Help) => {
+            print!("{}", cli::help_text());
+            return;
+        }
+        Ok(Action::Version) => {
+            print!("{}", cli::version_text());
+            return;
+        }
+        Ok(Action::MachineHelp) => {
+            print!("{}", cli::machine_help_text());
+            return;
+        }
+        Ok(Action::AccelHelp) => {
+            print!("{}", cli::accel_help_text());
+            return;
+        }
+        Err(e) => {
+            eprintln!("flotilla: {e}");
+            std::process::exit(1);
+        }
+    };
+    match supervise::launch(&opts) {
+        Ok(outcome) => supervise::exit_like(outcome),
+        Err(e) => {
+            eprintln!("flotilla: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -193,23 +193,34 @@ impl OutQueue {
     }
 }
 
-// Queues of live chardevs, flushed by an atexit handler so that output written just before the
-// process exits (a guest's last words before powering off) is not lost.
-static LIVE: Mutex<Vec<Weak<OutQueue>>> = Mutex::new(Vec::new());
+// Live chardevs, handled by an atexit handler: output written just before the process exits
+// (a guest's last words before powering off) is flushed, and unix socket files are removed (as
+// QEMU does), even when the Chardev itself is never dropped.
+struct LiveEntry {
+    queue: Weak<OutQueue>,
+    socket: Option<PathBuf>,
+}
+static LIVE: Mutex<Vec<LiveEntry>> = Mutex::new(Vec::new());
 static ATEXIT: Once = Once::new();
 
 extern "C" fn flush_all_at_exit() {
-    let queues: Vec<Arc<OutQueue>> = match LIVE.try_lock() {
-        Ok(l) => l.iter().filter_map(Weak::upgrade).collect(),
+    let (queues, sockets): (Vec<Arc<OutQueue>>, Vec<PathBuf>) = match LIVE.try_lock() {
+        Ok(l) => (
+            l.iter().filter_map(|e| e.queue.upgrade()).collect(),
+            l.iter().filter(|e| e.queue.strong_count() > 0).filter_map(|e| e.socket.clone()).collect(),
+        ),
         Err(_) => return,
     };
     let deadline = Instant::now() + FLUSH_ON_CLOSE;
     for q in queues {
         q.flush(deadline.saturating_duration_since(Instant::now()));
     }
+    for p in sockets {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
-fn register_live(q: &Arc<OutQueue>) {
+fn register_live(q: &Arc<OutQueue>, socket: Option<PathBuf>) {
     ATEXIT.call_once(|| {
         // SAFETY: registers a plain extern "C" fn with no arguments; it only touches statics and
         // Arc-owned data, and tolerates being called while other threads still run.
@@ -219,8 +230,8 @@ fn register_live(q: &Arc<OutQueue>) {
         }
     });
     let mut live = lock(&LIVE);
-    live.retain(|w| w.strong_count() > 0);
-    live.push(Arc::downgrade(q));
+    live.retain(|e| e.queue.strong_count() > 0);
+    live.push(LiveEntry { queue: Arc::downgrade(q), socket });
 }
 
 /// Runs the writer: takes chunks off the queue and hands them to `sink`.
@@ -303,10 +314,17 @@ struct UnixState {
 enum Kind {
     Null,
     /// The terminal settings to restore (Termios is not Sync, hence the Mutex).
-    Stdio { saved_termios: Mutex<Option<Termios>> },
+    Stdio {
+        saved_termios: Mutex<Option<Termios>>,
+    },
     File,
-    Pty { slave_path: PathBuf },
-    Unix { path: PathBuf, state: Arc<UnixState> },
+    Pty {
+        slave_path: PathBuf,
+    },
+    Unix {
+        path: PathBuf,
+        state: Arc<UnixState>,
+    },
 }
 
 /// A character device backend, as named by `-serial` (`serial0`, ...).
@@ -340,8 +358,10 @@ impl Chardev {
             ChardevBackend::Pty => chr.open_pty(on_input)?,
             ChardevBackend::UnixServer { path, wait } => chr.open_unix(path, *wait, on_input)?,
         }
-        if !matches!(chr.kind, Kind::Null) {
-            register_live(&chr.queue);
+        match &chr.kind {
+            Kind::Null => {}
+            Kind::Unix { path, .. } => register_live(&chr.queue, Some(path.clone())),
+            _ => register_live(&chr.queue, None),
         }
         tracing::debug!(chardev = %chr.label, filename = %chr.filename(), "chardev open");
         Ok(chr)
@@ -349,12 +369,10 @@ impl Chardev {
 
     fn open_file(&mut self, path: &Path) -> Result<(), ChardevError> {
         // QEMU's file backend: O_WRONLY | O_CREAT | O_TRUNC (no append unless asked).
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|source| ChardevError::OpenFile { id: self.label.clone(), path: path.to_path_buf(), source })?;
+        let file =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(|source| {
+                ChardevError::OpenFile { id: self.label.clone(), path: path.to_path_buf(), source }
+            })?;
         let mut file = file;
         let w = spawn_writer(&self.label, self.queue.clone(), move |data, _| file.write_all(data))?;
         self.threads.push(w);
@@ -393,7 +411,8 @@ impl Chardev {
             let orig = termios::tcgetattr(io::stdin().as_fd()).map_err(|e| err(nix_io(e)))?;
             let mut raw = orig.clone();
             use termios::{ControlFlags as C, InputFlags as I, LocalFlags as L, OutputFlags as O};
-            raw.input_flags &= !(I::IGNBRK | I::BRKINT | I::PARMRK | I::ISTRIP | I::INLCR | I::IGNCR | I::ICRNL | I::IXON);
+            raw.input_flags &=
+                !(I::IGNBRK | I::BRKINT | I::PARMRK | I::ISTRIP | I::INLCR | I::IGNCR | I::ICRNL | I::IXON);
             raw.output_flags |= O::OPOST;
             raw.local_flags &= !(L::ECHO | L::ECHONL | L::ICANON | L::IEXTEN);
             raw.control_flags &= !(C::CSIZE | C::PARENB);
@@ -520,24 +539,31 @@ impl Chardev {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(ChardevError::RemoveStale { id, path: path.to_path_buf(), source }),
         }
-        let listener = UnixListener::bind(path)
-            .map_err(|source| ChardevError::Listen { id: id.clone(), path: path.to_path_buf(), source })?;
+        let listener = UnixListener::bind(path).map_err(|source| ChardevError::Listen {
+            id: id.clone(),
+            path: path.to_path_buf(),
+            source,
+        })?;
         let state = Arc::new(UnixState::default());
         self.kind = Kind::Unix { path: path.to_path_buf(), state: state.clone() };
 
         let mut first = None;
         if wait {
             eprintln!("flotilla: info: QEMU waiting for connection on: {}", self.filename());
-            let (stream, _) = listener
-                .accept()
-                .map_err(|source| ChardevError::Accept { id: id.clone(), path: path.to_path_buf(), source })?;
+            let (stream, _) = listener.accept().map_err(|source| ChardevError::Accept {
+                id: id.clone(),
+                path: path.to_path_buf(),
+                source,
+            })?;
             let stream = Arc::new(stream);
             *lock(&state.client) = Some(stream.clone());
             first = Some(stream);
         }
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| ChardevError::Listen { id: id.clone(), path: path.to_path_buf(), source })?;
+        listener.set_nonblocking(true).map_err(|source| ChardevError::Listen {
+            id: id.clone(),
+            path: path.to_path_buf(),
+            source,
+        })?;
 
         let st = state.clone();
         let w = spawn_writer(&id, self.queue.clone(), move |data, q| {
@@ -977,7 +1003,12 @@ mod tests {
 
         let mut s = {
             use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open(&slave).expect("open slave")
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOCTTY)
+                .open(&slave)
+                .expect("open slave")
         };
         s.write_all(b"in").expect("write slave");
         recv_exactly(&rx, b"in");

@@ -1,0 +1,1091 @@
+//! qemu-system-x86_64's command line, as far as Flotilla implements it.
+//!
+//! Every option is a row of [`OPTIONS`]: its name, whether it takes an argument, and what it
+//! does. Options are spelled `-opt` or `--opt`, their argument is the next word, exactly as QEMU
+//! reads them. Errors name the option and use QEMU's wording; `main` prefixes `flotilla: `.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use vm_config::{ChardevBackend, ChardevConfig, MachineConfig};
+
+use crate::qemu_opts::{parse_bool, parse_keyvals, parse_size, parse_uuid, ValueError};
+
+/// The QEMU version our `-version` and QMP greeting claim compatibility with (the QMP schema's).
+pub const QEMU_COMPAT_VERSION: &str = "1.1.0";
+/// Name reported for the one machine type; `pc` and `q35` (and their versioned names) map to it.
+pub const MACHINE_NAME: &str = "pc";
+/// Most vCPUs a machine can have (vm-config's `cpus` is a u8; one APIC ID below the broadcast).
+pub const MAX_CPUS: u64 = 255;
+
+/// What the launcher does besides building the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchOptions {
+    pub machine: MachineConfig,
+    /// `-pidfile`: written with the launcher's pid, removed on exit.
+    pub pidfile: Option<PathBuf>,
+    /// `-daemonize`: detach once vmm-core has started.
+    pub daemonize: bool,
+}
+
+/// The outcome of parsing a command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Run(Box<LaunchOptions>),
+    /// `-h`, `-help`
+    Help,
+    /// `-version`
+    Version,
+    /// `-machine help`
+    MachineHelp,
+    /// `-accel help`
+    AccelHelp,
+}
+
+/// A command-line error: `location` is the option as typed (`-m 12X`), as QEMU prefixes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliError {
+    pub location: Option<String>,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl CliError {
+    fn at(location: impl Into<String>, message: impl Into<String>) -> Self {
+        CliError { location: Some(location.into()), message: message.into(), hint: None }
+    }
+    fn global(message: impl Into<String>) -> Self {
+        CliError { location: None, message: message.into(), hint: None }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(loc) = &self.location {
+            write!(f, "{loc}: ")?;
+        }
+        f.write_str(&self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, "\n{h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for CliError {}
+
+// ---------------------------------------------------------------------------------------------
+// The option table
+// ---------------------------------------------------------------------------------------------
+
+type FlagFn = fn(&mut State) -> Result<(), ValueError>;
+type ValueFn = fn(&mut State, &str) -> Result<(), ValueError>;
+
+/// What an option does.
+#[derive(Clone, Copy)]
+pub enum Handler {
+    /// No argument.
+    Flag(FlagFn),
+    /// One argument (the next word), named by the metavariable for `-help`.
+    Value(&'static str, ValueFn),
+    /// Stops parsing and does something else (`-version`, `-help`).
+    Exit(fn() -> Action),
+    /// A QEMU option a later Flotilla release implements; rejected for now.
+    NotYet,
+    /// A QEMU option Flotilla does not implement.
+    Unsupported,
+}
+
+/// One row of the option table.
+pub struct OptSpec {
+    pub name: &'static str,
+    pub handler: Handler,
+    pub help: &'static str,
+}
+
+const fn spec(name: &'static str, handler: Handler, help: &'static str) -> OptSpec {
+    OptSpec { name, handler, help }
+}
+
+use Handler::{Exit, Flag, NotYet, Unsupported, Value};
+
+/// Every option Flotilla knows, in `-help` order.
+pub static OPTIONS: &[OptSpec] = &[
+    spec("h", Exit(|| Action::Help), "display this help and exit"),
+    spec("help", Exit(|| Action::Help), "display this help and exit"),
+    spec("version", Exit(|| Action::Version), "display version information and exit"),
+    spec("machine", Value("[type=]name[,accel=kvm]", opt_machine), "select the machine (pc, q35; 'help' lists them)"),
+    spec("M", Value("[type=]name[,accel=kvm]", opt_machine), "same as -machine"),
+    spec("accel", Value("kvm[,kernel-irqchip=on]", opt_accel), "select the accelerator (only kvm)"),
+    spec("enable-kvm", Flag(|_| Ok(())), "use KVM (always on)"),
+    spec("name", Value("[guest=]name[,process=..][,debug-threads=on|off]", opt_name), "set the guest name"),
+    spec("uuid", Value("%08x-%04x-%04x-%04x-%012x", opt_uuid), "set the system UUID"),
+    spec("m", Value("[size=]megs[M|G|T]", opt_mem), "guest RAM size (plain number: MiB; default 128M)"),
+    spec(
+        "smp",
+        Value("[cpus=]n[,sockets=..][,dies=..][,cores=..][,threads=..][,maxcpus=..]", opt_smp),
+        "number of vCPUs (1..255)",
+    ),
+    spec("kernel", Value("bzImage", |s, v| set_path(&mut s.cfg.kernel, v)), "Linux kernel (bzImage or PVH ELF)"),
+    spec("initrd", Value("file", |s, v| set_path(&mut s.cfg.initrd, v)), "initial ram disk"),
+    spec("append", Value("cmdline", opt_append), "kernel command line"),
+    spec("serial", Value("dev", opt_serial), "COM1: stdio, null, none, pty, file:PATH, unix:PATH,server=on[,wait=off]"),
+    spec("nographic", Flag(|s| set_flag(&mut s.nographic)), "no display; COM1 on stdio unless -serial is given"),
+    spec("display", Value("none", opt_display), "display type (only none)"),
+    spec("S", Flag(|s| set_flag(&mut s.cfg.start_paused)), "do not start the CPUs (wait for 'cont')"),
+    spec("no-shutdown", Flag(|s| set_flag(&mut s.cfg.no_shutdown)), "stop, do not exit, when the guest powers off"),
+    spec("no-reboot", Flag(|s| set_flag(&mut s.cfg.no_reboot)), "exit instead of rebooting"),
+    spec("pidfile", Value("file", |s, v| set_path(&mut s.pidfile, v)), "write the launcher's pid to file"),
+    spec("daemonize", Flag(|s| set_flag(&mut s.daemonize)), "detach once the VM has started"),
+    spec("nodefaults", Flag(|s| set_flag(&mut s.nodefaults)), "no default devices (no COM1 unless -serial)"),
+    spec("no-user-config", Flag(|_| Ok(())), "accepted; Flotilla reads no configuration files"),
+    // Later Flotilla issues implement these; until then they are refused, never ignored.
+    spec("qmp", NotYet, ""),
+    spec("qmp-pretty", NotYet, ""),
+    spec("monitor", NotYet, ""),
+    spec("mon", NotYet, ""),
+    spec("chardev", NotYet, ""),
+    spec("drive", NotYet, ""),
+    spec("blockdev", NotYet, ""),
+    spec("device", NotYet, ""),
+    spec("netdev", NotYet, ""),
+    spec("net", NotYet, ""),
+    spec("nic", NotYet, ""),
+    spec("vnc", NotYet, ""),
+    spec("balloon", NotYet, ""),
+    // QEMU options Flotilla does not implement.
+    spec("cpu", Unsupported, ""),
+    spec("hda", Unsupported, ""),
+    spec("hdb", Unsupported, ""),
+    spec("hdc", Unsupported, ""),
+    spec("hdd", Unsupported, ""),
+    spec("cdrom", Unsupported, ""),
+    spec("fda", Unsupported, ""),
+    spec("boot", Unsupported, ""),
+    spec("bios", Unsupported, ""),
+    spec("object", Unsupported, ""),
+    spec("global", Unsupported, ""),
+    spec("numa", Unsupported, ""),
+    spec("mem-path", Unsupported, ""),
+    spec("mem-prealloc", Unsupported, ""),
+    spec("rtc", Unsupported, ""),
+    spec("vga", Unsupported, ""),
+    spec("usb", Unsupported, ""),
+    spec("usbdevice", Unsupported, ""),
+    spec("parallel", Unsupported, ""),
+    spec("spice", Unsupported, ""),
+    spec("sdl", Unsupported, ""),
+    spec("curses", Unsupported, ""),
+    spec("full-screen", Unsupported, ""),
+    spec("incoming", Unsupported, ""),
+    spec("loadvm", Unsupported, ""),
+    spec("snapshot", Unsupported, ""),
+    spec("gdb", Unsupported, ""),
+    spec("s", Unsupported, ""),
+    spec("d", Unsupported, ""),
+    spec("D", Unsupported, ""),
+    spec("k", Unsupported, ""),
+    spec("icount", Unsupported, ""),
+    spec("watchdog-action", Unsupported, ""),
+    spec("action", Unsupported, ""),
+    spec("sandbox", Unsupported, ""),
+    spec("runas", Unsupported, ""),
+    spec("chroot", Unsupported, ""),
+    spec("readconfig", Unsupported, ""),
+    spec("writeconfig", Unsupported, ""),
+    spec("fsdev", Unsupported, ""),
+    spec("virtfs", Unsupported, ""),
+    spec("tpmdev", Unsupported, ""),
+    spec("audiodev", Unsupported, ""),
+    spec("add-fd", Unsupported, ""),
+    spec("fw_cfg", Unsupported, ""),
+    spec("smbios", Unsupported, ""),
+    spec("overcommit", Unsupported, ""),
+    spec("msg", Unsupported, ""),
+    spec("trace", Unsupported, ""),
+    spec("plugin", Unsupported, ""),
+    spec("preconfig", Unsupported, ""),
+    spec("compat", Unsupported, ""),
+    spec("no-acpi", Unsupported, ""),
+    spec("no-hpet", Unsupported, ""),
+];
+
+/// Looks an option up by name (without its dashes).
+pub fn lookup(name: &str) -> Option<&'static OptSpec> {
+    OPTIONS.iter().find(|o| o.name == name)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parser state and handlers
+// ---------------------------------------------------------------------------------------------
+
+/// Where COM1 goes, as given by `-serial`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Serial {
+    /// `-serial none`: no COM1 at all.
+    None,
+    Backend(ChardevBackend),
+}
+
+#[derive(Default)]
+pub struct State {
+    cfg: MachineConfig,
+    serial: Option<(String, Serial)>,
+    append: Option<String>,
+    nographic: bool,
+    nodefaults: bool,
+    pidfile: Option<PathBuf>,
+    daemonize: bool,
+    machine_help: bool,
+    accel_help: bool,
+}
+
+fn set_flag(f: &mut bool) -> Result<(), ValueError> {
+    *f = true;
+    Ok(())
+}
+
+fn set_path(p: &mut Option<PathBuf>, v: &str) -> Result<(), ValueError> {
+    *p = Some(PathBuf::from(v));
+    Ok(())
+}
+
+fn invalid_parameter(key: &str) -> ValueError {
+    ValueError::new(format!("Invalid parameter '{key}'"))
+}
+
+fn opt_name(s: &mut State, v: &str) -> Result<(), ValueError> {
+    for (k, val) in parse_keyvals(v, Some("guest")) {
+        match k.as_str() {
+            "guest" => s.cfg.name = Some(val),
+            "process" => {} // the host process title; nothing to do
+            "debug-threads" => {
+                parse_bool(&k, &val)?;
+            }
+            _ => return Err(invalid_parameter(&k)),
+        }
+    }
+    Ok(())
+}
+
+fn opt_uuid(s: &mut State, v: &str) -> Result<(), ValueError> {
+    s.cfg.uuid = Some(parse_uuid(v).ok_or_else(|| ValueError::new("failed to parse UUID string: wrong format"))?);
+    Ok(())
+}
+
+fn opt_mem(s: &mut State, v: &str) -> Result<(), ValueError> {
+    for (k, val) in parse_keyvals(v, Some("size")) {
+        match k.as_str() {
+            "size" => {
+                // A suffix-less number is MiB (QEMU's legacy format); 0 keeps the default.
+                let bytes = parse_size("size", &val, 1 << 20)?;
+                if bytes != 0 {
+                    s.cfg.mem_bytes = bytes;
+                }
+            }
+            "slots" | "maxmem" => {
+                return Err(ValueError::new(format!("memory hotplug ('{k}') is not supported by flotilla")))
+            }
+            _ => return Err(invalid_parameter(&k)),
+        }
+    }
+    Ok(())
+}
+
+fn opt_smp(s: &mut State, v: &str) -> Result<(), ValueError> {
+    let mut vals: [Option<u64>; 6] = [None; 6];
+    const KEYS: [&str; 6] = ["cpus", "sockets", "dies", "cores", "threads", "maxcpus"];
+    for (k, val) in parse_keyvals(v, Some("cpus")) {
+        let Some(i) = KEYS.iter().position(|&n| n == k) else {
+            return Err(ValueError::new(format!("Parameter 'smp.{k}' is unexpected")));
+        };
+        let n: u64 = val
+            .parse()
+            .ok()
+            .filter(|_| val.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(|| ValueError::new(format!("Parameter 'smp.{k}' expects integer")))?;
+        vals[i] = Some(n);
+    }
+    s.cfg.cpus = smp_topology(vals)?;
+    Ok(())
+}
+
+/// QEMU's machine_parse_smp_config() for a machine that prefers cores over sockets (pc since
+/// 6.2), with Flotilla's limits: at most 255 vCPUs and no CPU hotplug (maxcpus == cpus).
+fn smp_topology(v: [Option<u64>; 6]) -> Result<u8, ValueError> {
+    if v.contains(&Some(0)) {
+        return Err(ValueError::new("Invalid CPU topology: CPU topology parameters must be greater than zero"));
+    }
+    let [cpus, sockets, dies, cores, threads, maxcpus] = v.map(|x| u128::from(x.unwrap_or(0)));
+    let dies = dies.max(1);
+    let (mut sockets, mut cores, mut threads, mut maxcpus) = (sockets, cores, threads, maxcpus);
+    if cpus == 0 && maxcpus == 0 {
+        sockets = sockets.max(1);
+        cores = cores.max(1);
+        threads = threads.max(1);
+    } else {
+        maxcpus = if maxcpus > 0 { maxcpus } else { cpus };
+        if cores == 0 {
+            sockets = sockets.max(1);
+            threads = threads.max(1);
+            cores = maxcpus / (sockets * dies * threads);
+        } else if sockets == 0 {
+            threads = threads.max(1);
+            sockets = maxcpus / (dies * cores * threads);
+        }
+        if threads == 0 {
+            threads = maxcpus / (sockets * dies * cores);
+        }
+    }
+    let product = sockets * dies * cores * threads;
+    let maxcpus = if maxcpus > 0 { maxcpus } else { product };
+    let cpus = if cpus > 0 { cpus } else { maxcpus };
+    let topo = format!("sockets ({sockets}) * dies ({dies}) * cores ({cores}) * threads ({threads})");
+    if product != maxcpus {
+        return Err(ValueError::new(format!(
+            "Invalid CPU topology: product of the hierarchy must match maxcpus: {topo} != maxcpus ({maxcpus})"
+        )));
+    }
+    if maxcpus < cpus {
+        return Err(ValueError::new(format!(
+            "Invalid CPU topology: maxcpus must be equal to or greater than smp: {topo} == maxcpus ({maxcpus}) < smp_cpus ({cpus})"
+        )));
+    }
+    if maxcpus > u128::from(MAX_CPUS) {
+        return Err(ValueError::new(format!(
+            "Invalid SMP CPUs {maxcpus}. The max CPUs supported by machine '{MACHINE_NAME}' is {MAX_CPUS}"
+        )));
+    }
+    if maxcpus != cpus {
+        return Err(ValueError::new(format!(
+            "CPU hotplug is not supported by flotilla: maxcpus ({maxcpus}) must equal cpus ({cpus})"
+        )));
+    }
+    // cpus <= maxcpus <= 255 here.
+    u8::try_from(cpus).map_err(|_| ValueError::new(format!("Invalid SMP CPUs {cpus}")))
+}
+
+fn opt_append(s: &mut State, v: &str) -> Result<(), ValueError> {
+    s.append = Some(v.to_string());
+    Ok(())
+}
+
+const SERIAL_FORMS: &str =
+    "flotilla supports -serial stdio, null, none, pty, file:PATH, unix:PATH,server=on[,wait=off]";
+
+fn parse_serial(v: &str) -> Result<Serial, ValueError> {
+    let unsupported =
+        || ValueError::with_hint(format!("character backend '{v}' is not supported by flotilla"), SERIAL_FORMS);
+    Ok(match v {
+        "stdio" => Serial::Backend(ChardevBackend::Stdio),
+        "null" => Serial::Backend(ChardevBackend::Null),
+        "none" => Serial::None,
+        "pty" => Serial::Backend(ChardevBackend::Pty),
+        _ => {
+            if let Some(path) = v.strip_prefix("file:") {
+                if path.is_empty() {
+                    return Err(ValueError::new("file: needs a path (file:PATH)"));
+                }
+                Serial::Backend(ChardevBackend::File { path: path.into() })
+            } else if let Some(rest) = v.strip_prefix("unix:") {
+                parse_unix_serial(rest)?
+            } else if v.starts_with("chardev:") {
+                return Err(ValueError::new("-chardev is not supported yet"));
+            } else if v.starts_with("/dev/") || v.starts_with("COM") {
+                return Err(unsupported());
+            } else {
+                let driver = v.split(':').next().unwrap_or(v);
+                const QEMU_DRIVERS: &[&str] = &[
+                    "vc",
+                    "tcp",
+                    "udp",
+                    "telnet",
+                    "websocket",
+                    "mon",
+                    "pipe",
+                    "braille",
+                    "msmouse",
+                    "wctablet",
+                    "testdev",
+                    "spicevmc",
+                    "spiceport",
+                    "qemu-vdagent",
+                ];
+                if QEMU_DRIVERS.contains(&driver) {
+                    return Err(unsupported());
+                }
+                return Err(ValueError::with_hint(format!("'{v}' is not a valid char driver"), SERIAL_FORMS));
+            }
+        }
+    })
+}
+
+fn parse_unix_serial(rest: &str) -> Result<Serial, ValueError> {
+    let mut path = None;
+    let mut server = false;
+    let mut wait = true;
+    for (k, val) in parse_keyvals(rest, Some("path")) {
+        match k.as_str() {
+            "path" => path = Some(val),
+            "server" => server = parse_bool(&k, &val)?,
+            "wait" => wait = parse_bool(&k, &val)?,
+            "telnet" | "tn3270" | "websocket" | "reconnect" | "reconnect-ms" | "abstract" | "tight" | "mux"
+            | "logfile" | "logappend" => {
+                return Err(ValueError::new(format!("unix socket option '{k}' is not supported by flotilla")))
+            }
+            _ => return Err(invalid_parameter(&k)),
+        }
+    }
+    let path = path.filter(|p| !p.is_empty()).ok_or_else(|| ValueError::new("unix: needs a socket path"))?;
+    if !server {
+        return Err(ValueError::with_hint(
+            "unix socket client mode is not supported by flotilla",
+            "use unix:PATH,server=on[,wait=off]",
+        ));
+    }
+    Ok(Serial::Backend(ChardevBackend::UnixServer { path: path.into(), wait }))
+}
+
+fn opt_serial(s: &mut State, v: &str) -> Result<(), ValueError> {
+    if s.serial.is_some() {
+        return Err(ValueError::new("flotilla supports one serial port (COM1); -serial given twice"));
+    }
+    s.serial = Some((v.to_string(), parse_serial(v)?));
+    Ok(())
+}
+
+fn opt_display(_: &mut State, v: &str) -> Result<(), ValueError> {
+    let ty = v.split([',', '=']).next().unwrap_or(v);
+    if v.starts_with("vnc") {
+        return Err(ValueError::new("VNC is not supported yet"));
+    }
+    match ty {
+        "none" if v == "none" => Ok(()),
+        "none" => Err(invalid_parameter(v.split(',').nth(1).unwrap_or(v))),
+        "gtk" | "sdl" | "curses" | "egl-headless" | "spice-app" | "dbus" | "cocoa" => {
+            Err(ValueError::new(format!("display '{ty}' is not supported by flotilla (only 'none')")))
+        }
+        _ => Err(ValueError::new(format!("Parameter 'type' does not accept value '{ty}'"))),
+    }
+}
+
+const QEMU_ACCELS: &[&str] = &["tcg", "xen", "hax", "hvf", "whpx", "nvmm", "qtest"];
+
+/// An accelerator list (`kvm`, `kvm:tcg`): the first one must be kvm (a fallback after it is
+/// never used). Returns true for `help`.
+fn check_accel(list: &str) -> Result<bool, ValueError> {
+    let first = list.split(':').next().unwrap_or(list);
+    match first {
+        "kvm" => Ok(false),
+        "help" | "?" => Ok(true),
+        a if QEMU_ACCELS.contains(&a) => {
+            Err(ValueError::new(format!("accelerator '{a}' is not supported by flotilla (only kvm)")))
+        }
+        a => Err(ValueError::new(format!("invalid accelerator {a}"))),
+    }
+}
+
+fn opt_accel(s: &mut State, v: &str) -> Result<(), ValueError> {
+    for (k, val) in parse_keyvals(v, Some("accel")) {
+        match k.as_str() {
+            "accel" => s.accel_help |= check_accel(&val)?,
+            "kernel-irqchip" if matches!(val.as_str(), "on" | "yes" | "true") => {}
+            "kernel-irqchip" => {
+                return Err(ValueError::new(format!("kernel-irqchip={val} is not supported by flotilla (only on)")))
+            }
+            _ => return Err(invalid_parameter(&k)),
+        }
+    }
+    Ok(())
+}
+
+fn machine_type_ok(t: &str) -> bool {
+    matches!(t, "pc" | "q35") || t.starts_with("pc-i440fx-") || t.starts_with("pc-q35-")
+}
+
+fn opt_machine(s: &mut State, v: &str) -> Result<(), ValueError> {
+    for (k, val) in parse_keyvals(v, Some("type")) {
+        match k.as_str() {
+            "type" if val == "help" || val == "?" => s.machine_help = true,
+            "type" if machine_type_ok(&val) => {}
+            "type" => {
+                return Err(ValueError::with_hint(
+                    format!("unsupported machine type: \"{val}\""),
+                    "Use -machine help to list supported machines",
+                ))
+            }
+            "accel" => s.accel_help |= check_accel(&val)?,
+            _ => return Err(invalid_parameter(&k)),
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing
+// ---------------------------------------------------------------------------------------------
+
+/// Parses the arguments after the program name.
+pub fn parse<I, S>(args: I) -> Result<Action, CliError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let args: Vec<String> = args.into_iter().map(|a| a.as_ref().to_string()).collect();
+    let mut st = State::default();
+    let mut i = 0;
+    while i < args.len() {
+        let word = &args[i];
+        i += 1;
+        let Some(stripped) = word.strip_prefix('-') else {
+            // QEMU takes a bare word as the first disk image (-hda).
+            return Err(CliError::at(word, "disk image arguments (-hda) are not supported by flotilla"));
+        };
+        let name = stripped.strip_prefix('-').unwrap_or(stripped);
+        let Some(opt) = lookup(name) else {
+            return Err(CliError::at(word, "invalid option"));
+        };
+        match opt.handler {
+            Exit(action) => return Ok(action()),
+            NotYet => return Err(CliError::at(word, "option not supported yet")),
+            Unsupported => return Err(CliError::at(word, "option not supported by flotilla")),
+            Flag(f) => f(&mut st).map_err(|e| located(word, e))?,
+            Value(_, f) => {
+                let Some(arg) = args.get(i) else {
+                    return Err(CliError::at(word, "requires an argument"));
+                };
+                i += 1;
+                f(&mut st, arg).map_err(|e| located(&format!("{word} {arg}"), e))?;
+            }
+        }
+    }
+    finish(st)
+}
+
+fn located(loc: &str, e: ValueError) -> CliError {
+    CliError { location: Some(loc.to_string()), message: e.message, hint: e.hint }
+}
+
+/// Cross-option checks and defaults, in QEMU's order and words.
+fn finish(mut st: State) -> Result<Action, CliError> {
+    if st.machine_help {
+        return Ok(Action::MachineHelp);
+    }
+    if st.accel_help {
+        return Ok(Action::AccelHelp);
+    }
+    if st.cfg.kernel.is_none() {
+        if st.append.as_deref().is_some_and(|a| !a.is_empty()) {
+            return Err(CliError::global("-append only allowed with -kernel option"));
+        }
+        if st.cfg.initrd.is_some() {
+            return Err(CliError::global("-initrd only allowed with -kernel option"));
+        }
+    }
+    st.cfg.cmdline = st.append.take().unwrap_or_default();
+
+    if st.daemonize && st.nographic && st.serial.is_none() && !st.nodefaults {
+        return Err(CliError::global("-nographic cannot be used with -daemonize"));
+    }
+    let (serial_loc, backend) = match st.serial.take() {
+        Some((arg, Serial::Backend(b))) => (format!("-serial {arg}"), Some(b)),
+        Some((_, Serial::None)) => (String::new(), None),
+        // -nodefaults: no default COM1, not even -nographic's stdio one (as QEMU).
+        None if st.nodefaults => (String::new(), None),
+        None if st.nographic => ("-nographic".to_string(), Some(ChardevBackend::Stdio)),
+        // QEMU's default COM1 is a "vc" console; without a display it goes nowhere.
+        None => (String::new(), Some(ChardevBackend::Null)),
+    };
+    if st.daemonize && backend == Some(ChardevBackend::Stdio) {
+        return Err(CliError::at(serial_loc, "cannot use stdio with -daemonize"));
+    }
+    st.cfg.serial = backend.map(|backend| ChardevConfig { id: "serial0".into(), backend });
+
+    Ok(Action::Run(Box::new(LaunchOptions { machine: st.cfg, pidfile: st.pidfile, daemonize: st.daemonize })))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Texts
+// ---------------------------------------------------------------------------------------------
+
+pub fn version_text() -> String {
+    format!(
+        "QEMU emulator version {QEMU_COMPAT_VERSION} (flotilla-{})\nFlotilla: a QEMU-compatible virtual machine monitor for Linux/KVM\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+pub fn help_text() -> String {
+    let mut s = format!(
+        "{}usage: flotilla [options]\n\nOptions (spelled -opt or --opt, as in qemu-system-x86_64):\n",
+        version_text()
+    );
+    for o in OPTIONS {
+        let (arg, help) = match o.handler {
+            Flag(_) | Exit(_) => ("", o.help),
+            Value(meta, _) => (meta, o.help),
+            NotYet | Unsupported => continue,
+        };
+        let left = if arg.is_empty() { format!("-{}", o.name) } else { format!("-{} {arg}", o.name) };
+        if left.len() < 30 {
+            s.push_str(&format!("  {left:<30} {help}\n"));
+        } else {
+            s.push_str(&format!("  {left}\n  {:<30} {help}\n", ""));
+        }
+    }
+    let not_yet: Vec<String> =
+        OPTIONS.iter().filter(|o| matches!(o.handler, NotYet)).map(|o| format!("-{}", o.name)).collect();
+    s.push_str(&format!("\nNot supported yet: {}\n", not_yet.join(" ")));
+    s.push_str(
+        "\nvmm-core is started from the directory of this executable, or from $FLOTILLA_VMM_CORE.\n\
+         Logging: RUST_LOG (e.g. RUST_LOG=debug).\n",
+    );
+    s
+}
+
+pub fn machine_help_text() -> String {
+    format!(
+        "Supported machines are:\n{:<20} Flotilla x86_64 machine (KVM, PCIe root, ACPI) (default)\n{:<20} alias of pc\n",
+        MACHINE_NAME, "q35"
+    )
+}
+
+pub fn accel_help_text() -> String {
+    "Accelerators supported in flotilla:\nkvm\n".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> LaunchOptions {
+        match parse(args) {
+            Ok(Action::Run(o)) => *o,
+            other => panic!("{args:?}: expected a machine, got {other:?}"),
+        }
+    }
+    fn cfg(args: &[&str]) -> MachineConfig {
+        run(args).machine
+    }
+    fn err(args: &[&str]) -> String {
+        match parse(args) {
+            Err(e) => e.to_string(),
+            Ok(a) => panic!("{args:?}: expected an error, got {a:?}"),
+        }
+    }
+    fn serial(args: &[&str]) -> Option<ChardevBackend> {
+        cfg(args).serial.map(|c| {
+            assert_eq!(c.id, "serial0");
+            c.backend
+        })
+    }
+    const SIZE_ERR: &str = "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.";
+
+    #[test]
+    fn defaults_match_qemu() {
+        let o = run(&[]);
+        assert_eq!(o.pidfile, None);
+        assert!(!o.daemonize);
+        let c = o.machine;
+        assert_eq!(c.mem_bytes, 128 << 20);
+        assert_eq!(c.cpus, 1);
+        assert_eq!(c.name, None);
+        assert_eq!(c.uuid, None);
+        assert_eq!(c.serial, Some(ChardevConfig { id: "serial0".into(), backend: ChardevBackend::Null }));
+        assert!(!c.start_paused && !c.no_shutdown && !c.no_reboot);
+        assert_eq!(c.cmdline, "");
+    }
+
+    #[test]
+    fn table_has_no_duplicates_and_every_row_resolves() {
+        for (i, o) in OPTIONS.iter().enumerate() {
+            assert!(OPTIONS[i + 1..].iter().all(|p| p.name != o.name), "duplicate -{}", o.name);
+            assert!(std::ptr::eq(lookup(o.name).expect("lookup"), o));
+            if matches!(o.handler, Flag(_) | Value(..) | Exit(_)) {
+                assert!(!o.help.is_empty(), "-{} has no help", o.name);
+            }
+        }
+    }
+
+    #[test]
+    fn name_spellings() {
+        assert_eq!(cfg(&["-name", "vm1"]).name.as_deref(), Some("vm1"));
+        assert_eq!(cfg(&["--name", "vm1"]).name.as_deref(), Some("vm1"));
+        assert_eq!(cfg(&["-name", "guest=vm2"]).name.as_deref(), Some("vm2"));
+        assert_eq!(cfg(&["-name", "guest=vm3,debug-threads=on,process=p"]).name.as_deref(), Some("vm3"));
+        assert_eq!(cfg(&["-name", "a,,b"]).name.as_deref(), Some("a,b"));
+        assert_eq!(cfg(&["-name", "first", "-name", "second"]).name.as_deref(), Some("second"));
+        assert_eq!(err(&["-name", "guest=a,bogus=1"]), "-name guest=a,bogus=1: Invalid parameter 'bogus'");
+        assert_eq!(
+            err(&["-name", "a,debug-threads=maybe"]),
+            "-name a,debug-threads=maybe: Parameter 'debug-threads' expects 'on' or 'off'"
+        );
+        assert_eq!(err(&["-name"]), "-name: requires an argument");
+    }
+
+    #[test]
+    fn uuid() {
+        assert_eq!(
+            cfg(&["-uuid", "6F9619FF-8B86-D011-B42D-00C04FC964FF"]).uuid.as_deref(),
+            Some("6f9619ff-8b86-d011-b42d-00c04fc964ff")
+        );
+        assert_eq!(err(&["-uuid", "xyz"]), "-uuid xyz: failed to parse UUID string: wrong format");
+        assert_eq!(
+            err(&["-uuid", "6f9619ff-8b86-d011-b42d-00c04fc964f"]),
+            "-uuid 6f9619ff-8b86-d011-b42d-00c04fc964f: failed to parse UUID string: wrong format"
+        );
+        assert_eq!(err(&["-uuid"]), "-uuid: requires an argument");
+    }
+
+    #[test]
+    fn memory_spellings() {
+        let mib = 1u64 << 20;
+        assert_eq!(cfg(&["-m", "512"]).mem_bytes, 512 * mib);
+        assert_eq!(cfg(&["-m", "512M"]).mem_bytes, 512 * mib);
+        assert_eq!(cfg(&["-m", "512m"]).mem_bytes, 512 * mib);
+        assert_eq!(cfg(&["-m", "2G"]).mem_bytes, 2048 * mib);
+        assert_eq!(cfg(&["-m", "1T"]).mem_bytes, 1 << 40);
+        assert_eq!(cfg(&["-m", "262144K"]).mem_bytes, 256 * mib);
+        assert_eq!(cfg(&["-m", "1.5G"]).mem_bytes, 1536 * mib);
+        assert_eq!(cfg(&["-m", "size=1G"]).mem_bytes, 1024 * mib);
+        assert_eq!(cfg(&["-m", "size=300"]).mem_bytes, 300 * mib);
+        assert_eq!(cfg(&["--m", "64"]).mem_bytes, 64 * mib);
+        assert_eq!(cfg(&["-m", "0"]).mem_bytes, 128 * mib, "QEMU keeps the default for 0");
+        assert_eq!(cfg(&["-m", "256", "-m", "1G"]).mem_bytes, 1024 * mib);
+    }
+
+    #[test]
+    fn memory_errors() {
+        assert_eq!(err(&["-m", "12X"]), format!("-m 12X: {SIZE_ERR}"));
+        assert_eq!(err(&["-m", "size=12X"]), format!("-m size=12X: {SIZE_ERR}"));
+        assert_eq!(err(&["-m", "-5"]), format!("-m -5: {SIZE_ERR}"));
+        assert_eq!(err(&["-m", ""]), format!("-m : {SIZE_ERR}"));
+        assert_eq!(err(&["-m", "99999999999999"]), format!("-m 99999999999999: {SIZE_ERR}"));
+        assert_eq!(err(&["-m"]), "-m: requires an argument");
+        assert_eq!(err(&["-m", "1G,slots=2"]), "-m 1G,slots=2: memory hotplug ('slots') is not supported by flotilla");
+        assert_eq!(
+            err(&["-m", "1G,maxmem=4G"]),
+            "-m 1G,maxmem=4G: memory hotplug ('maxmem') is not supported by flotilla"
+        );
+        assert_eq!(err(&["-m", "1G,foo=1"]), "-m 1G,foo=1: Invalid parameter 'foo'");
+    }
+
+    #[test]
+    fn smp_spellings() {
+        assert_eq!(cfg(&["-smp", "4"]).cpus, 4);
+        assert_eq!(cfg(&["-smp", "cpus=2"]).cpus, 2);
+        assert_eq!(cfg(&["-smp", "cpus=4,sockets=2,cores=2,threads=1"]).cpus, 4);
+        assert_eq!(cfg(&["-smp", "4,sockets=1,cores=2,threads=2,maxcpus=4"]).cpus, 4);
+        assert_eq!(cfg(&["-smp", "sockets=2,cores=3"]).cpus, 6, "cpus from the topology");
+        assert_eq!(cfg(&["-smp", "maxcpus=3"]).cpus, 3);
+        assert_eq!(cfg(&["-smp", "8,sockets=2"]).cpus, 8, "cores computed");
+        assert_eq!(cfg(&["-smp", "8,cores=2"]).cpus, 8, "sockets computed");
+        assert_eq!(cfg(&["-smp", "8,sockets=2,cores=2"]).cpus, 8, "threads computed");
+        assert_eq!(cfg(&["-smp", "2,dies=1"]).cpus, 2);
+        assert_eq!(cfg(&["-smp", "255"]).cpus, 255);
+        assert_eq!(cfg(&["--smp", "3"]).cpus, 3);
+    }
+
+    #[test]
+    fn smp_errors() {
+        let zero = "Invalid CPU topology: CPU topology parameters must be greater than zero";
+        assert_eq!(err(&["-smp", "0"]), format!("-smp 0: {zero}"));
+        assert_eq!(err(&["-smp", "cpus=0"]), format!("-smp cpus=0: {zero}"));
+        assert_eq!(err(&["-smp", "2,sockets=0"]), format!("-smp 2,sockets=0: {zero}"));
+        assert_eq!(
+            err(&["-smp", "256"]),
+            "-smp 256: Invalid SMP CPUs 256. The max CPUs supported by machine 'pc' is 255"
+        );
+        assert_eq!(
+            err(&["-smp", "99999999999"]),
+            "-smp 99999999999: Invalid SMP CPUs 99999999999. The max CPUs supported by machine 'pc' is 255"
+        );
+        assert_eq!(err(&["-smp", "foo"]), "-smp foo: Parameter 'smp.cpus' expects integer");
+        assert_eq!(err(&["-smp", "-1"]), "-smp -1: Parameter 'smp.cpus' expects integer");
+        assert_eq!(err(&["-smp", "2,cores=x"]), "-smp 2,cores=x: Parameter 'smp.cores' expects integer");
+        assert_eq!(err(&["-smp", "2,bogus=1"]), "-smp 2,bogus=1: Parameter 'smp.bogus' is unexpected");
+        assert_eq!(
+            err(&["-smp", "cpus=2,sockets=3"]),
+            "-smp cpus=2,sockets=3: Invalid CPU topology: product of the hierarchy must match maxcpus: \
+             sockets (3) * dies (1) * cores (0) * threads (1) != maxcpus (2)"
+        );
+        assert_eq!(
+            err(&["-smp", "cpus=4,maxcpus=2"]),
+            "-smp cpus=4,maxcpus=2: Invalid CPU topology: maxcpus must be equal to or greater than smp: \
+             sockets (1) * dies (1) * cores (2) * threads (1) == maxcpus (2) < smp_cpus (4)"
+        );
+        assert_eq!(
+            err(&["-smp", "2,maxcpus=4"]),
+            "-smp 2,maxcpus=4: CPU hotplug is not supported by flotilla: maxcpus (4) must equal cpus (2)"
+        );
+        assert_eq!(err(&["-smp"]), "-smp: requires an argument");
+    }
+
+    #[test]
+    fn kernel_initrd_append() {
+        let c = cfg(&["-kernel", "/k", "-initrd", "/i", "-append", "console=ttyS0 panic=-1"]);
+        assert_eq!(c.kernel, Some("/k".into()));
+        assert_eq!(c.initrd, Some("/i".into()));
+        assert_eq!(c.cmdline, "console=ttyS0 panic=-1");
+        assert_eq!(cfg(&["-kernel", "/k"]).cmdline, "");
+        assert_eq!(cfg(&["-append", ""]).cmdline, "", "an empty -append needs no kernel");
+        assert_eq!(err(&["-initrd", "/i"]), "-initrd only allowed with -kernel option");
+        assert_eq!(err(&["-append", "x"]), "-append only allowed with -kernel option");
+        assert_eq!(err(&["-kernel"]), "-kernel: requires an argument");
+        assert_eq!(err(&["-kernel", "/k", "-append"]), "-append: requires an argument");
+    }
+
+    #[test]
+    fn serial_spellings() {
+        use ChardevBackend as B;
+        assert_eq!(serial(&["-serial", "stdio"]), Some(B::Stdio));
+        assert_eq!(serial(&["-serial", "null"]), Some(B::Null));
+        assert_eq!(serial(&["-serial", "none"]), None);
+        assert_eq!(serial(&["-serial", "pty"]), Some(B::Pty));
+        assert_eq!(serial(&["-serial", "file:/tmp/x.log"]), Some(B::File { path: "/tmp/x.log".into() }));
+        assert_eq!(serial(&["-serial", "file:/tmp/a,b"]), Some(B::File { path: "/tmp/a,b".into() }));
+        let unix = |path: &str, wait| Some(B::UnixServer { path: path.into(), wait });
+        assert_eq!(serial(&["-serial", "unix:/tmp/s,server,nowait"]), unix("/tmp/s", false));
+        assert_eq!(serial(&["-serial", "unix:/tmp/s,server=on,wait=off"]), unix("/tmp/s", false));
+        assert_eq!(serial(&["-serial", "unix:/tmp/s,server"]), unix("/tmp/s", true));
+        assert_eq!(serial(&["-serial", "unix:/tmp/s,server=on"]), unix("/tmp/s", true));
+        assert_eq!(serial(&["-serial", "unix:/tmp/s,server=on,wait=on"]), unix("/tmp/s", true));
+        assert_eq!(serial(&["-serial", "unix:path=/tmp/s,server=on,wait=off"]), unix("/tmp/s", false));
+        assert_eq!(serial(&["-serial", "unix:/tmp/a,,b,server=on,wait=off"]), unix("/tmp/a,b", false));
+        assert_eq!(serial(&["--serial", "pty"]), Some(B::Pty));
+    }
+
+    #[test]
+    fn serial_errors() {
+        let forms = SERIAL_FORMS;
+        assert_eq!(err(&["-serial", "foo"]), format!("-serial foo: 'foo' is not a valid char driver\n{forms}"));
+        assert_eq!(
+            err(&["-serial", "vc"]),
+            format!("-serial vc: character backend 'vc' is not supported by flotilla\n{forms}")
+        );
+        assert_eq!(
+            err(&["-serial", "tcp:localhost:4444,server"]),
+            format!("-serial tcp:localhost:4444,server: character backend 'tcp:localhost:4444,server' is not supported by flotilla\n{forms}")
+        );
+        assert_eq!(
+            err(&["-serial", "mon:stdio"]),
+            format!("-serial mon:stdio: character backend 'mon:stdio' is not supported by flotilla\n{forms}")
+        );
+        assert_eq!(
+            err(&["-serial", "/dev/ttyS0"]),
+            format!("-serial /dev/ttyS0: character backend '/dev/ttyS0' is not supported by flotilla\n{forms}")
+        );
+        assert_eq!(err(&["-serial", "chardev:c0"]), "-serial chardev:c0: -chardev is not supported yet");
+        assert_eq!(err(&["-serial", "unix:/tmp/x,bogus"]), "-serial unix:/tmp/x,bogus: Invalid parameter 'bogus'");
+        assert_eq!(
+            err(&["-serial", "unix:/tmp/x,server,telnet"]),
+            "-serial unix:/tmp/x,server,telnet: unix socket option 'telnet' is not supported by flotilla"
+        );
+        assert_eq!(
+            err(&["-serial", "unix:/tmp/x"]),
+            "-serial unix:/tmp/x: unix socket client mode is not supported by flotilla\nuse unix:PATH,server=on[,wait=off]"
+        );
+        assert_eq!(
+            err(&["-serial", "unix:/tmp/x,server=maybe"]),
+            "-serial unix:/tmp/x,server=maybe: Parameter 'server' expects 'on' or 'off'"
+        );
+        assert_eq!(err(&["-serial", "unix:"]), "-serial unix:: unix: needs a socket path");
+        assert_eq!(err(&["-serial", "file:"]), "-serial file:: file: needs a path (file:PATH)");
+        assert_eq!(
+            err(&["-serial", "pty", "-serial", "null"]),
+            "-serial null: flotilla supports one serial port (COM1); -serial given twice"
+        );
+        assert_eq!(err(&["-serial"]), "-serial: requires an argument");
+    }
+
+    #[test]
+    fn nographic_and_display() {
+        assert_eq!(serial(&["-nographic"]), Some(ChardevBackend::Stdio));
+        assert_eq!(serial(&["-nographic", "-serial", "pty"]), Some(ChardevBackend::Pty));
+        assert_eq!(serial(&["-serial", "none", "-nographic"]), None);
+        assert_eq!(serial(&["-display", "none"]), Some(ChardevBackend::Null));
+        assert_eq!(serial(&["-nodefaults"]), None);
+        assert_eq!(serial(&["-nodefaults", "-nographic"]), None);
+        assert_eq!(serial(&["-nodefaults", "-serial", "pty"]), Some(ChardevBackend::Pty));
+        assert_eq!(serial(&["--nographic"]), Some(ChardevBackend::Stdio));
+        assert_eq!(err(&["-display", "gtk"]), "-display gtk: display 'gtk' is not supported by flotilla (only 'none')");
+        assert_eq!(
+            err(&["-display", "sdl,gl=on"]),
+            "-display sdl,gl=on: display 'sdl' is not supported by flotilla (only 'none')"
+        );
+        assert_eq!(err(&["-display", "bogus"]), "-display bogus: Parameter 'type' does not accept value 'bogus'");
+        assert_eq!(err(&["-display", "none,gl=on"]), "-display none,gl=on: Invalid parameter 'gl=on'");
+        assert_eq!(err(&["-display", "vnc=:0"]), "-display vnc=:0: VNC is not supported yet");
+        assert_eq!(err(&["-display"]), "-display: requires an argument");
+    }
+
+    #[test]
+    fn run_state_flags() {
+        let c = cfg(&["-S", "-no-shutdown", "-no-reboot"]);
+        assert!(c.start_paused && c.no_shutdown && c.no_reboot);
+        let c = cfg(&["--S", "--no-shutdown", "--no-reboot"]);
+        assert!(c.start_paused && c.no_shutdown && c.no_reboot);
+        assert!(!cfg(&["-no-reboot"]).start_paused);
+    }
+
+    #[test]
+    fn pidfile_and_daemonize() {
+        let o = run(&["-pidfile", "/run/vm.pid", "-daemonize", "-serial", "pty"]);
+        assert_eq!(o.pidfile, Some("/run/vm.pid".into()));
+        assert!(o.daemonize);
+        assert!(run(&["-daemonize"]).daemonize, "default null serial is fine");
+        assert!(run(&["-daemonize", "-nographic", "-nodefaults"]).daemonize);
+        assert!(run(&["-daemonize", "-nographic", "-serial", "null"]).daemonize);
+        assert_eq!(err(&["-nographic", "-daemonize"]), "-nographic cannot be used with -daemonize");
+        assert_eq!(err(&["-daemonize", "-serial", "stdio"]), "-serial stdio: cannot use stdio with -daemonize");
+    }
+
+    #[test]
+    fn accelerator_spellings() {
+        for args in [
+            &["-enable-kvm"][..],
+            &["-accel", "kvm"],
+            &["--accel", "kvm"],
+            &["-accel", "accel=kvm"],
+            &["-accel", "kvm,kernel-irqchip=on"],
+            &["-machine", "accel=kvm"],
+            &["-machine", "pc,accel=kvm"],
+            &["-machine", "accel=kvm:tcg"],
+            &["-M", "q35,accel=kvm", "-enable-kvm"],
+        ] {
+            run(args);
+        }
+        assert_eq!(err(&["-accel", "tcg"]), "-accel tcg: accelerator 'tcg' is not supported by flotilla (only kvm)");
+        assert_eq!(err(&["-accel", "foo"]), "-accel foo: invalid accelerator foo");
+        assert_eq!(
+            err(&["-machine", "accel=tcg"]),
+            "-machine accel=tcg: accelerator 'tcg' is not supported by flotilla (only kvm)"
+        );
+        assert_eq!(
+            err(&["-machine", "pc,accel=tcg:kvm"]),
+            "-machine pc,accel=tcg:kvm: accelerator 'tcg' is not supported by flotilla (only kvm)"
+        );
+        assert_eq!(
+            err(&["-accel", "kvm,kernel-irqchip=split"]),
+            "-accel kvm,kernel-irqchip=split: kernel-irqchip=split is not supported by flotilla (only on)"
+        );
+        assert_eq!(err(&["-accel", "kvm,thread=multi"]), "-accel kvm,thread=multi: Invalid parameter 'thread'");
+        assert_eq!(parse(["-accel", "help"]), Ok(Action::AccelHelp));
+        assert_eq!(err(&["-accel"]), "-accel: requires an argument");
+    }
+
+    #[test]
+    fn machine_types() {
+        for t in ["pc", "q35", "pc-i440fx-7.2", "pc-q35-8.0", "type=pc", "type=q35"] {
+            run(&["-machine", t]);
+            run(&["-M", t]);
+            run(&["--machine", t]);
+        }
+        let hint = "Use -machine help to list supported machines";
+        assert_eq!(
+            err(&["-machine", "microvm"]),
+            format!("-machine microvm: unsupported machine type: \"microvm\"\n{hint}")
+        );
+        assert_eq!(err(&["-M", "isapc"]), format!("-M isapc: unsupported machine type: \"isapc\"\n{hint}"));
+        assert_eq!(err(&["-machine", "pc,usb=off"]), "-machine pc,usb=off: Invalid parameter 'usb'");
+        assert_eq!(parse(["-machine", "help"]), Ok(Action::MachineHelp));
+        assert_eq!(parse(["-M", "?"]), Ok(Action::MachineHelp));
+        assert_eq!(err(&["-M"]), "-M: requires an argument");
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(parse(["-version"]), Ok(Action::Version));
+        assert_eq!(parse(["--version"]), Ok(Action::Version));
+        assert_eq!(parse(["-h"]), Ok(Action::Help));
+        assert_eq!(parse(["-help"]), Ok(Action::Help));
+        assert_eq!(parse(["--help"]), Ok(Action::Help));
+        // QEMU acts on -version where it appears: later junk is not looked at, earlier is.
+        assert_eq!(parse(["-version", "-bogus"]), Ok(Action::Version));
+        assert_eq!(err(&["-bogus", "-version"]), "-bogus: invalid option");
+        let h = help_text();
+        for o in ["-m [size=]megs", "-smp", "-serial dev", "-nographic", "-daemonize", "-pidfile file"] {
+            assert!(h.contains(o), "help lacks {o}");
+        }
+        assert!(h.contains("Not supported yet: -qmp"));
+        assert!(version_text().starts_with("QEMU emulator version 1.1.0 (flotilla-"));
+        assert!(machine_help_text().contains("q35"));
+    }
+
+    #[test]
+    fn unknown_and_malformed_options() {
+        assert_eq!(err(&["-foo"]), "-foo: invalid option");
+        assert_eq!(err(&["--foo"]), "--foo: invalid option");
+        assert_eq!(err(&["-"]), "-: invalid option");
+        assert_eq!(err(&["--"]), "--: invalid option");
+        assert_eq!(err(&["---m", "1"]), "---m: invalid option");
+        assert_eq!(err(&["-mem", "1"]), "-mem: invalid option", "no prefix matching");
+        assert_eq!(err(&["-m=512"]), "-m=512: invalid option");
+        assert_eq!(err(&["disk.img"]), "disk.img: disk image arguments (-hda) are not supported by flotilla");
+        assert_eq!(err(&["-cpu", "host"]), "-cpu: option not supported by flotilla");
+        assert_eq!(err(&["-hda", "x.img"]), "-hda: option not supported by flotilla");
+    }
+
+    #[test]
+    fn later_options_are_refused_not_ignored() {
+        for o in ["qmp", "drive", "device", "chardev", "netdev", "vnc", "balloon", "monitor", "blockdev"] {
+            for dashes in ["-", "--"] {
+                let e = parse([format!("{dashes}{o}"), "x".to_string()]).expect_err(o);
+                assert_eq!(e.to_string(), format!("{dashes}{o}: option not supported yet"));
+            }
+        }
+        // Even after valid options, and even without an argument.
+        assert_eq!(err(&["-m", "1G", "-qmp"]), "-qmp: option not supported yet");
+    }
+
+    #[test]
+    fn a_full_command_line() {
+        let o = run(&[
+            "-name",
+            "guest=web1",
+            "-uuid",
+            "12345678-1234-1234-1234-123456789ABC",
+            "-machine",
+            "q35,accel=kvm",
+            "-m",
+            "2G",
+            "-smp",
+            "cpus=2,sockets=1,cores=2,threads=1",
+            "-kernel",
+            "/b/vmlinuz",
+            "-initrd",
+            "/b/initrd.img",
+            "-append",
+            "console=ttyS0",
+            "-serial",
+            "unix:/run/s.sock,server=on,wait=off",
+            "-display",
+            "none",
+            "-S",
+            "-no-shutdown",
+            "-pidfile",
+            "/run/f.pid",
+            "-daemonize",
+            "-enable-kvm",
+        ]);
+        let expected = MachineConfig {
+            name: Some("web1".into()),
+            uuid: Some("12345678-1234-1234-1234-123456789abc".into()),
+            mem_bytes: 2 << 30,
+            cpus: 2,
+            kernel: Some("/b/vmlinuz".into()),
+            initrd: Some("/b/initrd.img".into()),
+            cmdline: "console=ttyS0".into(),
+            serial: Some(ChardevConfig {
+                id: "serial0".into(),
+                backend: ChardevBackend::UnixServer { path: "/run/s.sock".into(), wait: false },
+            }),
+            start_paused: true,
+            no_shutdown: true,
+            no_reboot: false,
+        };
+        assert_eq!(o, LaunchOptions { machine: expected, pidfile: Some("/run/f.pid".into()), daemonize: true });
+        // The JSON handed to vmm-core round-trips.
+        assert_eq!(MachineConfig::from_json(&o.machine.to_json()).expect("json"), o.machine);
+    }
+}

@@ -1,0 +1,453 @@
+//! Runs vmm-core as a child (`vmm-core --config-json '<json>'`) and supervises it the way a
+//! QEMU process behaves to its caller: SIGTERM/SIGINT/SIGHUP reach the VM, the launcher exits
+//! with the VM's exit status, `-pidfile` holds the launcher's pid while it runs, and
+//! `-daemonize` returns to the caller once the VM has started.
+
+use std::fs::File;
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::termios::{self, SetArg, Termios};
+use nix::unistd::{fork, setsid, ForkResult, Pid};
+
+use crate::cli::LaunchOptions;
+
+/// Environment variable naming the vmm-core binary (default: next to this executable).
+pub const VMM_CORE_ENV: &str = "FLOTILLA_VMM_CORE";
+/// How long a daemonizing launcher watches vmm-core for an early failure before detaching.
+const DAEMON_GRACE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot find vmm-core at '{0}' (set {VMM_CORE_ENV} to its path)")]
+    VmmCoreMissing(PathBuf),
+    #[error("cannot locate the flotilla executable: {0}")]
+    CurrentExe(io::Error),
+    #[error("could not open kernel file '{0}': {1}")]
+    Kernel(PathBuf, io::Error),
+    #[error("could not load initial ram disk '{0}': {1}")]
+    Initrd(PathBuf, io::Error),
+    #[error("cannot create PID file: {0}")]
+    Pidfile(String),
+    #[error("cannot start vmm-core '{0}': {1}")]
+    Spawn(PathBuf, io::Error),
+    #[error("cannot daemonize: {0}")]
+    Daemonize(String),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(Errno),
+}
+
+/// How the VM ended; `main` turns it into the launcher's own exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Exit(i32),
+    /// vmm-core was killed by this signal; the launcher re-raises it.
+    Signal(i32),
+}
+
+pub fn find_vmm_core() -> Result<PathBuf, LaunchError> {
+    let path = match std::env::var_os(VMM_CORE_ENV).filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let exe = std::env::current_exe().map_err(LaunchError::CurrentExe)?;
+            exe.parent().unwrap_or(Path::new("/")).join("vmm-core")
+        }
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(LaunchError::VmmCoreMissing(path))
+    }
+}
+
+/// Checks what QEMU checks before starting, so that errors come from the launcher.
+fn preflight(opts: &LaunchOptions) -> Result<(), LaunchError> {
+    if let Some(k) = &opts.machine.kernel {
+        File::open(k).map_err(|e| LaunchError::Kernel(k.clone(), e))?;
+    }
+    if let Some(i) = &opts.machine.initrd {
+        File::open(i).map_err(|e| LaunchError::Initrd(i.clone(), e))?;
+    }
+    Ok(())
+}
+
+/// `-pidfile`: created and locked like QEMU's (a second instance on the same file fails),
+/// holding this process's pid; removed when dropped.
+struct PidFile {
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl PidFile {
+    fn create(path: &Path) -> Result<PidFile, LaunchError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| LaunchError::Pidfile(format!("Cannot open pid file {}: {e}", path.display())))?;
+        let mut lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            LaunchError::Pidfile(format!("Cannot lock pid file {}: {}", path.display(), nix_io(e)))
+        })?;
+        let write = |f: &mut File| -> io::Result<()> {
+            f.set_len(0)?;
+            f.write_all(format!("{}\n", std::process::id()).as_bytes())?;
+            f.flush()
+        };
+        write(&mut lock)
+            .map_err(|e| LaunchError::Pidfile(format!("Failed to write pid file {}: {e}", path.display())))?;
+        Ok(PidFile { path: path.to_path_buf(), _lock: lock })
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!("could not remove pid file {}: {e}", self.path.display());
+        }
+    }
+}
+
+fn nix_io(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// The write end of the pipe a daemonizing launcher's original process waits on.
+struct DaemonReport(Option<File>);
+
+impl DaemonReport {
+    /// Tells the waiting original process to exit with `code` (0: the VM started).
+    fn send(&mut self, code: i32) {
+        if let Some(mut f) = self.0.take() {
+            let _ = f.write_all(&code.to_ne_bytes());
+        }
+    }
+}
+
+impl Drop for DaemonReport {
+    fn drop(&mut self) {
+        self.send(1);
+    }
+}
+
+/// Forks twice (setsid in between) like QEMU's os_daemonize(). The original process waits for
+/// the daemon's report and exits with it; only the daemon returns.
+fn daemonize() -> Result<DaemonReport, LaunchError> {
+    let (r, w) = nix::unistd::pipe().map_err(|e| LaunchError::Daemonize(format!("pipe: {e}")))?;
+    // SAFETY: called before this process starts any thread (the launcher's only threads are
+    // spawned later), so the child may run arbitrary code.
+    match unsafe { fork() }.map_err(|e| LaunchError::Daemonize(format!("fork: {e}")))? {
+        ForkResult::Parent { child } => {
+            drop(w);
+            let mut r = File::from(r);
+            let mut buf = [0u8; 4];
+            let code = match r.read_exact(&mut buf) {
+                Ok(()) => i32::from_ne_bytes(buf),
+                Err(_) => 1, // the daemon died before reporting
+            };
+            let _ = nix::sys::wait::waitpid(child, None);
+            std::process::exit(code);
+        }
+        ForkResult::Child => {}
+    }
+    drop(r);
+    setsid().map_err(|e| LaunchError::Daemonize(format!("setsid: {e}")))?;
+    // SAFETY: still single-threaded (see above).
+    match unsafe { fork() }.map_err(|e| LaunchError::Daemonize(format!("fork: {e}")))? {
+        // SAFETY: _exit in the intermediate child skips atexit handlers and destructors that
+        // belong to the daemon.
+        ForkResult::Parent { .. } => unsafe { libc::_exit(0) },
+        ForkResult::Child => {}
+    }
+    Ok(DaemonReport(Some(File::from(w))))
+}
+
+/// Points fds 0-2 at /dev/null (after the daemon has reported success).
+fn detach_stdio() {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        Ok(null) => {
+            for fd in 0..=2 {
+                if let Err(e) = nix::unistd::dup2(null.as_raw_fd(), fd) {
+                    tracing::warn!("dup2 /dev/null to fd {fd}: {e}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("cannot open /dev/null: {e}"),
+    }
+}
+
+fn forwarded_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
+        set.add(s);
+    }
+    set
+}
+
+/// Waits for one of `set` (blocked in this thread); returns (signal, si_code) or None on timeout.
+fn wait_signal(set: &SigSet, timeout: Option<Duration>) -> Option<(i32, i32)> {
+    // SAFETY: siginfo_t is plain old data; zeroed is a valid value for an out-parameter.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let rc = match timeout {
+        None => {
+            // SAFETY: valid sigset and siginfo pointers for the duration of the call.
+            unsafe { libc::sigwaitinfo(set.as_ref(), &mut info) }
+        }
+        Some(t) => {
+            let ts = libc::timespec { tv_sec: t.as_secs() as libc::time_t, tv_nsec: t.subsec_nanos() as _ };
+            // SAFETY: as above, plus a valid timespec.
+            unsafe { libc::sigtimedwait(set.as_ref(), &mut info, &ts) }
+        }
+    };
+    (rc > 0).then_some((info.si_signo, info.si_code))
+}
+
+/// Runs the VM to its end.
+pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
+    let vmm_core = find_vmm_core()?;
+    preflight(opts)?;
+    // The daemon changes to "/"; keep the pid file where the user meant it.
+    let pidfile_path = match &opts.pidfile {
+        Some(p) if p.is_relative() => {
+            Some(std::env::current_dir().map_err(|e| LaunchError::Pidfile(e.to_string()))?.join(p))
+        }
+        other => other.clone(),
+    };
+
+    let mut report = if opts.daemonize { Some(daemonize()?) } else { None };
+    match run_vm(opts, &vmm_core, pidfile_path.as_deref(), report.as_mut()) {
+        Err(e) if report.is_some() => {
+            // Say why before the waiting original process exits.
+            eprintln!("flotilla: {e}");
+            if let Some(r) = report.as_mut() {
+                r.send(1);
+            }
+            Ok(Outcome::Exit(1))
+        }
+        other => other,
+    }
+}
+
+fn run_vm(
+    opts: &LaunchOptions,
+    vmm_core: &Path,
+    pidfile_path: Option<&Path>,
+    mut report: Option<&mut DaemonReport>,
+) -> Result<Outcome, LaunchError> {
+    let _pidfile = match pidfile_path {
+        Some(p) => Some(PidFile::create(p)?),
+        None => None,
+    };
+
+    // Signals are taken synchronously (sigwaitinfo); block them before any thread or child
+    // exists (the child gets an empty mask back in pre_exec).
+    let signals = forwarded_signals();
+    signals.thread_block().map_err(LaunchError::Signals)?;
+
+    let tty_saved: Option<Termios> =
+        if !opts.daemonize && io::stdin().is_terminal() { termios::tcgetattr(io::stdin().as_fd()).ok() } else { None };
+
+    let json = opts.machine.to_json();
+    tracing::debug!(vmm_core = %vmm_core.display(), config = %json, "starting vmm-core");
+    let mut cmd = Command::new(vmm_core);
+    cmd.arg("--config-json").arg(&json);
+    if opts.daemonize {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    }
+    let launcher = std::process::id() as libc::pid_t;
+    // SAFETY: the closure only makes async-signal-safe calls (sigprocmask, prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            // std's Command keeps the parent's signal mask; ours blocks the signals vmm-core
+            // must receive.
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            if libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::other("cannot reset the signal mask"));
+            }
+            // The VM does not outlive its launcher (killing QEMU kills the VM).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != launcher {
+                return Err(io::Error::other("launcher exited during start"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| LaunchError::Spawn(vmm_core.to_path_buf(), e))?;
+    let pid = Pid::from_raw(child.id() as i32);
+    tracing::info!(pid = child.id(), "vmm-core started");
+
+    let mut forwarder = None;
+    if let Some(err) = child.stderr.take() {
+        // vmm-core's stderr reaches the user's terminal until the daemon detaches, /dev/null after.
+        forwarder = std::thread::Builder::new()
+            .name("stderr-forward".into())
+            .spawn(move || forward_stderr(err))
+            .map_err(|e| tracing::warn!("cannot forward vmm-core's stderr: {e}"))
+            .ok();
+    }
+
+    if let Some(rep) = report.as_mut() {
+        let deadline = Instant::now() + DAEMON_GRACE;
+        let mut early = None;
+        while early.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if let Some((sig, code)) = wait_signal(&signals, Some(left)) {
+                forward(pid, sig, code);
+            }
+            early = child.try_wait().ok().flatten();
+        }
+        if let Some(status) = early {
+            // Failed to start: the caller sees the error on its stderr and vmm-core's status.
+            if let Some(f) = forwarder.take() {
+                let _ = f.join();
+            }
+            let outcome = outcome_of(status);
+            rep.send(match outcome {
+                Outcome::Exit(c) => c,
+                Outcome::Signal(s) => 128 + s,
+            });
+            return Ok(outcome);
+        }
+        rep.send(0);
+        detach_stdio();
+        if let Err(e) = std::env::set_current_dir("/") {
+            tracing::warn!("chdir /: {e}");
+        }
+    }
+
+    let status = supervise(&mut child, pid, &signals);
+    if let Some(t) = &tty_saved {
+        // vmm-core restores the terminal itself, unless it was killed.
+        let _ = termios::tcsetattr(io::stdin().as_fd(), SetArg::TCSANOW, t);
+    }
+    if let Some(f) = forwarder {
+        let _ = f.join();
+    }
+    let outcome = outcome_of(status);
+    tracing::info!(?outcome, "vmm-core ended");
+    Ok(outcome)
+}
+
+fn forward_stderr(mut from: std::process::ChildStderr) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                let _ = io::stderr().write_all(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Passes a termination signal on to vmm-core, unless the kernel sent it (a terminal's ^C or
+/// hang-up goes to the whole foreground process group, vmm-core included, already).
+fn forward(pid: Pid, sig: i32, si_code: i32) {
+    if sig == libc::SIGCHLD {
+        return;
+    }
+    if si_code > 0 {
+        tracing::debug!(sig, "signal from the kernel; vmm-core got it too");
+        return;
+    }
+    match Signal::try_from(sig) {
+        Ok(s) => {
+            tracing::info!(signal = %s, "forwarding to vmm-core");
+            if let Err(e) = kill(pid, s) {
+                tracing::warn!("cannot signal vmm-core: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("unexpected signal {sig}: {e}"),
+    }
+}
+
+fn supervise(child: &mut Child, pid: Pid, signals: &SigSet) -> ExitStatus {
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("waiting for vmm-core: {e}");
+                return child.wait().unwrap_or_else(|_| ExitStatus::from_raw(1 << 8));
+            }
+        }
+        // SIGCHLD wakes us when vmm-core exits; the timeout is only a safety net.
+        if let Some((sig, code)) = wait_signal(signals, Some(Duration::from_secs(1))) {
+            forward(pid, sig, code);
+        }
+    }
+}
+
+fn outcome_of(status: ExitStatus) -> Outcome {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => Outcome::Exit(c),
+        (None, Some(s)) => Outcome::Signal(s),
+        (None, None) => Outcome::Exit(1),
+    }
+}
+
+/// Ends the launcher the way vmm-core ended: same exit code, or death by the same signal.
+pub fn exit_like(outcome: Outcome) -> ! {
+    match outcome {
+        Outcome::Exit(c) => std::process::exit(c),
+        Outcome::Signal(s) => {
+            if let Ok(sig) = Signal::try_from(s) {
+                // SAFETY: restoring the default disposition of a signal is always sound.
+                let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
+                let mut set = SigSet::empty();
+                set.add(sig);
+                let _ = set.thread_unblock();
+                let _ = nix::sys::signal::raise(sig);
+            }
+            std::process::exit(128 + s)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_from_status() {
+        assert_eq!(outcome_of(ExitStatus::from_raw(0)), Outcome::Exit(0));
+        assert_eq!(outcome_of(ExitStatus::from_raw(3 << 8)), Outcome::Exit(3));
+        assert_eq!(outcome_of(ExitStatus::from_raw(libc::SIGKILL)), Outcome::Signal(libc::SIGKILL));
+    }
+
+    #[test]
+    fn pidfile_is_locked_written_and_removed() {
+        let dir = std::env::temp_dir().join(format!("flotilla-pidfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("vm.pid");
+        std::fs::write(&path, "999999999 stale contents\n").expect("stale");
+        let pf = PidFile::create(&path).expect("create");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), format!("{}\n", std::process::id()));
+        // A second launcher on the same pid file fails, as with QEMU.
+        let e = PidFile::create(&path).err().expect("second lock must fail");
+        assert!(e.to_string().starts_with("cannot create PID file: Cannot lock pid file"), "{e}");
+        drop(pf);
+        assert!(!path.exists());
+        let e = PidFile::create(&dir.join("missing/x.pid")).err().expect("missing dir");
+        assert!(e.to_string().starts_with("cannot create PID file: Cannot open pid file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
