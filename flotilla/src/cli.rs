@@ -15,6 +15,8 @@ use crate::qemu_opts::{parse_bool, parse_keyvals, parse_size, parse_uuid, ValueE
 pub const QEMU_COMPAT_VERSION: &str = "1.1.0";
 /// Name reported for the one machine type; `pc` and `q35` (and their versioned names) map to it.
 pub const MACHINE_NAME: &str = "pc";
+/// Guest RAM is rounded up to a multiple of this, as QEMU does.
+pub const RAM_ALIGN: u64 = 8192;
 /// Most vCPUs a machine can have (vm-config's `cpus` is a u8; one APIC ID below the broadcast).
 pub const MAX_CPUS: u64 = 255;
 
@@ -280,7 +282,10 @@ fn opt_mem(s: &mut State, v: &str) -> Result<(), ValueError> {
                 // A suffix-less number is MiB (QEMU's legacy format); 0 keeps the default.
                 let bytes = parse_size("size", &val, 1 << 20)?;
                 if bytes != 0 {
-                    s.cfg.mem_bytes = bytes;
+                    // QEMU rounds RAM up to 8 KiB (`-m 4097B` gives 8192 bytes).
+                    s.cfg.mem_bytes = bytes
+                        .checked_next_multiple_of(RAM_ALIGN)
+                        .ok_or_else(|| parse_size("size", "", 1).unwrap_err())?;
                 }
             }
             "slots" | "maxmem" => {
@@ -751,6 +756,8 @@ mod tests {
         assert_eq!(cfg(&["-m", "size=300"]).mem_bytes, 300 * mib);
         assert_eq!(cfg(&["--m", "64"]).mem_bytes, 64 * mib);
         assert_eq!(cfg(&["-m", "0"]).mem_bytes, 128 * mib, "QEMU keeps the default for 0");
+        assert_eq!(cfg(&["-m", "4097B"]).mem_bytes, 8192, "rounded up to 8 KiB like QEMU");
+        assert_eq!(cfg(&["-m", "1000K"]).mem_bytes, 1_024_000);
         assert_eq!(cfg(&["-m", "256", "-m", "1G"]).mem_bytes, 1024 * mib);
     }
 
@@ -761,6 +768,8 @@ mod tests {
         assert_eq!(err(&["-m", "-5"]), format!("-m -5: {SIZE_ERR}"));
         assert_eq!(err(&["-m", ""]), format!("-m : {SIZE_ERR}"));
         assert_eq!(err(&["-m", "99999999999999"]), format!("-m 99999999999999: {SIZE_ERR}"));
+        assert_eq!(err(&["-m", "1.5"]), format!("-m 1.5: {SIZE_ERR}"));
+        assert_eq!(err(&["-m", "18446744073709551615B"]), format!("-m 18446744073709551615B: {SIZE_ERR}"));
         assert_eq!(err(&["-m"]), "-m: requires an argument");
         assert_eq!(err(&["-m", "1G,slots=2"]), "-m 1G,slots=2: memory hotplug ('slots') is not supported by flotilla");
         assert_eq!(

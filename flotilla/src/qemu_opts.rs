@@ -75,7 +75,7 @@ const SIZE_HINT: &str =
 pub fn parse_size(key: &str, s: &str, default_unit: u64) -> Result<u64, ValueError> {
     let err =
         || ValueError::with_hint(format!("Parameter '{key}' expects a non-negative number below 2^64"), SIZE_HINT);
-    let (num, unit) = match s.char_indices().last() {
+    let (num, unit, suffixed) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() && !s.starts_with("0x") && !s.starts_with("0X") => {
             let unit = match c.to_ascii_lowercase() {
                 'b' => 1u64,
@@ -87,9 +87,9 @@ pub fn parse_size(key: &str, s: &str, default_unit: u64) -> Result<u64, ValueErr
                 'e' => 1 << 60,
                 _ => return Err(err()),
             };
-            (&s[..i], unit)
+            (&s[..i], unit, true)
         }
-        Some(_) => (s, default_unit),
+        Some(_) => (s, default_unit, false),
         None => return Err(err()),
     };
     if let Some(hex) = num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
@@ -109,8 +109,9 @@ pub fn parse_size(key: &str, s: &str, default_unit: u64) -> Result<u64, ValueErr
     let whole: u64 = whole.parse().map_err(|_| err())?;
     let mut total = u128::from(whole) * u128::from(unit);
     if let Some(f) = frac {
-        // A fraction needs a unit larger than a byte ("1.5k"), as in QEMU.
-        if f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit()) || unit == 1 || f.len() > 18 {
+        // A fraction needs an explicit unit larger than a byte ("1.5k"), as in QEMU: `-m 1.5`
+        // is refused even though a plain `-m 1` means MiB.
+        if f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit()) || unit == 1 || !suffixed || f.len() > 18 {
             return Err(err());
         }
         let digits: u128 = f.parse().map_err(|_| err())?;
@@ -175,7 +176,7 @@ mod tests {
         assert_eq!(parse_size("size", "64K", m), Ok(64 << 10));
         assert_eq!(parse_size("size", "4096B", m), Ok(4096));
         assert_eq!(parse_size("size", "1.5G", m), Ok(3 << 29));
-        assert_eq!(parse_size("size", "1.5", m), Ok(3 << 19));
+        assert!(parse_size("size", "1.5", m).is_err(), "QEMU 7.2: a fraction needs a suffix");
         assert!(parse_size("size", "0x10M", m).is_err(), "hex takes no suffix");
         assert_eq!(parse_size("size", "0x100", 1), Ok(256));
         assert_eq!(parse_size("size", "0", m), Ok(0));
