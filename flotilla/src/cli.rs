@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use vm_config::{ChardevBackend, ChardevConfig, MachineConfig};
 
-use crate::qemu_opts::{parse_bool, parse_keyvals, parse_size, parse_uuid, ValueError};
+use crate::qemu_opts::{parse_bool, parse_keyvals, parse_size, parse_uuid, size_error, ValueError};
 
 /// The QEMU version our `-version` and QMP greeting claim compatibility with (the QMP schema's).
 pub const QEMU_COMPAT_VERSION: &str = "1.1.0";
@@ -283,9 +283,7 @@ fn opt_mem(s: &mut State, v: &str) -> Result<(), ValueError> {
                 let bytes = parse_size("size", &val, 1 << 20)?;
                 if bytes != 0 {
                     // QEMU rounds RAM up to 8 KiB (`-m 4097B` gives 8192 bytes).
-                    s.cfg.mem_bytes = bytes
-                        .checked_next_multiple_of(RAM_ALIGN)
-                        .ok_or_else(|| parse_size("size", "", 1).unwrap_err())?;
+                    s.cfg.mem_bytes = bytes.checked_next_multiple_of(RAM_ALIGN).ok_or_else(|| size_error("size"))?;
                 }
             }
             "slots" | "maxmem" => {

@@ -70,11 +70,15 @@ pub fn parse_bool(key: &str, v: &str) -> Result<bool, ValueError> {
 const SIZE_HINT: &str =
     "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.";
 
+/// QEMU's error for a size that does not parse or does not fit in 64 bits.
+pub fn size_error(key: &str) -> ValueError {
+    ValueError::with_hint(format!("Parameter '{key}' expects a non-negative number below 2^64"), SIZE_HINT)
+}
+
 /// A QEMU size (`qemu_strtosz`): decimal (optionally with a fraction) or `0x` hex, then an
 /// optional suffix B/K/M/G/T/P/E (any case); without a suffix the number is in `default_unit`.
 pub fn parse_size(key: &str, s: &str, default_unit: u64) -> Result<u64, ValueError> {
-    let err =
-        || ValueError::with_hint(format!("Parameter '{key}' expects a non-negative number below 2^64"), SIZE_HINT);
+    let err = || size_error(key);
     let (num, unit, suffixed) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() && !s.starts_with("0x") && !s.starts_with("0X") => {
             let unit = match c.to_ascii_lowercase() {
