@@ -464,7 +464,14 @@ fn opt_display(_: &mut State, v: &str) -> Result<(), ValueError> {
     }
     match ty {
         "none" if v == "none" => Ok(()),
-        "none" => Err(invalid_parameter(v.split(',').nth(1).unwrap_or(v))),
+        "none" => {
+            let key = v.split(',').nth(1).and_then(|kv| kv.split('=').next()).unwrap_or(v);
+            if key == "gl" {
+                Err(ValueError::new("OpenGL is not supported by the display"))
+            } else {
+                Err(invalid_parameter(key))
+            }
+        }
         "gtk" | "sdl" | "curses" | "egl-headless" | "spice-app" | "dbus" | "cocoa" => {
             Err(ValueError::new(format!("display '{ty}' is not supported by flotilla (only 'none')")))
         }
@@ -496,7 +503,7 @@ fn opt_accel(s: &mut State, v: &str) -> Result<(), ValueError> {
             "kernel-irqchip" => {
                 return Err(ValueError::new(format!("kernel-irqchip={val} is not supported by flotilla (only on)")))
             }
-            _ => return Err(invalid_parameter(&k)),
+            _ => return Err(ValueError::new(format!("Property 'kvm-accel.{k}' not found"))),
         }
     }
     Ok(())
@@ -518,7 +525,7 @@ fn opt_machine(s: &mut State, v: &str) -> Result<(), ValueError> {
                 ))
             }
             "accel" => s.accel_help |= check_accel(&val)?,
-            _ => return Err(invalid_parameter(&k)),
+            _ => return Err(ValueError::new(format!("machine property '{k}' is not supported by flotilla"))),
         }
     }
     Ok(())
@@ -921,7 +928,8 @@ mod tests {
             "-display sdl,gl=on: display 'sdl' is not supported by flotilla (only 'none')"
         );
         assert_eq!(err(&["-display", "bogus"]), "-display bogus: Parameter 'type' does not accept value 'bogus'");
-        assert_eq!(err(&["-display", "none,gl=on"]), "-display none,gl=on: Invalid parameter 'gl=on'");
+        assert_eq!(err(&["-display", "none,gl=on"]), "-display none,gl=on: OpenGL is not supported by the display");
+        assert_eq!(err(&["-display", "none,foo=1"]), "-display none,foo=1: Invalid parameter 'foo'");
         assert_eq!(err(&["-display", "vnc=:0"]), "-display vnc=:0: VNC is not supported yet");
         assert_eq!(err(&["-display"]), "-display: requires an argument");
     }
@@ -976,7 +984,10 @@ mod tests {
             err(&["-accel", "kvm,kernel-irqchip=split"]),
             "-accel kvm,kernel-irqchip=split: kernel-irqchip=split is not supported by flotilla (only on)"
         );
-        assert_eq!(err(&["-accel", "kvm,thread=multi"]), "-accel kvm,thread=multi: Invalid parameter 'thread'");
+        assert_eq!(
+            err(&["-accel", "kvm,thread=multi"]),
+            "-accel kvm,thread=multi: Property 'kvm-accel.thread' not found"
+        );
         assert_eq!(parse(["-accel", "help"]), Ok(Action::AccelHelp));
         assert_eq!(err(&["-accel"]), "-accel: requires an argument");
     }
@@ -994,7 +1005,10 @@ mod tests {
             format!("-machine microvm: unsupported machine type: \"microvm\"\n{hint}")
         );
         assert_eq!(err(&["-M", "isapc"]), format!("-M isapc: unsupported machine type: \"isapc\"\n{hint}"));
-        assert_eq!(err(&["-machine", "pc,usb=off"]), "-machine pc,usb=off: Invalid parameter 'usb'");
+        assert_eq!(
+            err(&["-machine", "pc,usb=off"]),
+            "-machine pc,usb=off: machine property 'usb' is not supported by flotilla"
+        );
         assert_eq!(parse(["-machine", "help"]), Ok(Action::MachineHelp));
         assert_eq!(parse(["-M", "?"]), Ok(Action::MachineHelp));
         assert_eq!(err(&["-M"]), "-M: requires an argument");

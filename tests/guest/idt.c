@@ -1,0 +1,113 @@
+/*
+ * IDT and interrupt dispatch. Exceptions print `EXCEPTION <vec> rip=<hex>` (and a FAULT-INFO
+ * line) and halt that CPU; NMIs are counted per LAPIC id without printing; device IRQs go to
+ * their drivers and get an EOI.
+ */
+#include "guest.h"
+
+struct isr_frame {
+    u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
+    u64 vector, error;
+    u64 rip, cs, rflags, rsp, ss;
+};
+
+struct idt_entry {
+    u16 offset_lo;
+    u16 selector;
+    u8 ist;
+    u8 type_attr;
+    u16 offset_mid;
+    u32 offset_hi;
+    u32 zero;
+} PACKED;
+
+struct idt_ptr {
+    u16 limit;
+    u64 base;
+} PACKED;
+
+extern char isr_stubs[];
+static struct idt_entry idt[256] __attribute__((aligned(16)));
+static struct idt_ptr idtr;
+volatile u64 nmi_counts[256];
+
+void idt_init(void)
+{
+    for (int v = 0; v < 256; v++) {
+        u64 addr = (u64)isr_stubs + 16 * v;
+        idt[v].offset_lo = addr & 0xffff;
+        idt[v].selector = GDT_CODE64;
+        idt[v].ist = 0;
+        idt[v].type_attr = 0x8e;        /* present, DPL 0, 64-bit interrupt gate */
+        idt[v].offset_mid = (addr >> 16) & 0xffff;
+        idt[v].offset_hi = addr >> 32;
+        idt[v].zero = 0;
+    }
+    idtr.limit = sizeof(idt) - 1;
+    idtr.base = (u64)idt;
+    idt_load();
+}
+
+void idt_load(void) { __asm__ volatile("lidt %0" ::"m"(idtr)); }
+
+static void nmi(void)
+{
+    u32 id = lapic_base ? lapic_id() : 0;
+    __atomic_fetch_add(&nmi_counts[id & 0xff], 1, __ATOMIC_RELAXED);
+}
+
+void nmi_report(void)
+{
+    u64 total = 0;
+    for (int i = 0; i < 256; i++)
+        total += nmi_counts[i];
+    kprintf("NMIS total=%lu", total);
+    if (n_madt_cpus) {
+        for (u32 i = 0; i < n_madt_cpus; i++) {
+            u32 id = madt_cpus[i].apic_id & 0xff;
+            kprintf(" cpu%u=%lu", id, nmi_counts[id]);
+        }
+    } else {
+        u32 id = lapic_base ? lapic_id() & 0xff : 0;
+        kprintf(" cpu%u=%lu", id, nmi_counts[id]);
+    }
+    kprintf("\n");
+}
+
+static u64 read_cr2(void)
+{
+    u64 v;
+    __asm__ volatile("mov %%cr2, %0" : "=r"(v));
+    return v;
+}
+
+void isr_dispatch(struct isr_frame *f)
+{
+    u64 v = f->vector;
+    if (v == 2) {
+        nmi();
+        return;
+    }
+    if (v < 32) {
+        kprintf("EXCEPTION %lu rip=0x%lx\n", v, f->rip);
+        kprintf("FAULT-INFO vec=%lu err=0x%lx cr2=0x%lx rsp=0x%lx cs=0x%lx rflags=0x%lx apic=%u\n", v,
+                f->error, read_cr2(), f->rsp, f->cs, f->rflags, lapic_base ? lapic_id() : 0);
+        halt_forever();
+    }
+    switch (v) {
+    case VEC_UART:
+        serial_irq();
+        lapic_eoi();
+        break;
+    case VEC_SCI:
+        acpi_sci_irq();
+        lapic_eoi();
+        break;
+    case VEC_SPURIOUS:
+        break;      /* spurious LAPIC interrupts take no EOI */
+    default:
+        if (v >= VEC_PIC_BASE && v < VEC_PIC_BASE + 16)
+            break;  /* a spurious 8259 IRQ (they are all masked): no EOI anywhere */
+        lapic_eoi();
+    }
+}

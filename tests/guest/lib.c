@@ -1,0 +1,92 @@
+/* The few C library functions the guest (and gcc's generated code) needs. */
+#include "guest.h"
+
+void *memset(void *d, int c, size_t n)
+{
+    u8 *p = d;
+    while (n--)
+        *p++ = (u8)c;
+    return d;
+}
+
+void *memcpy(void *d, const void *s, size_t n)
+{
+    u8 *dp = d;
+    const u8 *sp = s;
+    while (n--)
+        *dp++ = *sp++;
+    return d;
+}
+
+void *memmove(void *d, const void *s, size_t n)
+{
+    u8 *dp = d;
+    const u8 *sp = s;
+    if (dp < sp) {
+        while (n--)
+            *dp++ = *sp++;
+    } else {
+        while (n--)
+            dp[n] = sp[n];
+    }
+    return d;
+}
+
+int memcmp(const void *a, const void *b, size_t n)
+{
+    const u8 *x = a, *y = b;
+    for (; n; n--, x++, y++)
+        if (*x != *y)
+            return *x - *y;
+    return 0;
+}
+
+size_t strlen(const char *s)
+{
+    size_t n = 0;
+    while (s[n])
+        n++;
+    return n;
+}
+
+int strcmp(const char *a, const char *b)
+{
+    while (*a && *a == *b) {
+        a++;
+        b++;
+    }
+    return (u8)*a - (u8)*b;
+}
+
+int parse_u64(const char *s, int base, u64 *out)
+{
+    u64 v = 0;
+    int digits = 0;
+    if (base == 16 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X'))
+        s += 2;
+    for (; *s; s++) {
+        u32 d;
+        if (*s >= '0' && *s <= '9')
+            d = *s - '0';
+        else if (base == 16 && *s >= 'a' && *s <= 'f')
+            d = *s - 'a' + 10;
+        else if (base == 16 && *s >= 'A' && *s <= 'F')
+            d = *s - 'A' + 10;
+        else
+            return -1;
+        if (v > (~0ull - d) / base)
+            return -1;  /* overflow */
+        v = v * base + d;
+        digits++;
+    }
+    if (!digits)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+void halt_forever(void)
+{
+    for (;;)
+        cli_hlt();      /* NMIs still wake it, get counted, and return here */
+}
