@@ -1,3 +1,7 @@
-pub mod guest;
+//! Shared pieces of Flotilla's end-to-end tests and benchmarks: the freestanding test guest
+//! (built from `tests/guest/` by build.rs), the serial console client that drives it, and a
+//! helper that boots it on vmm-core.
 
-pub fn placeholder() {}
+pub mod console;
+pub mod guest;
+pub mod machine;

@@ -79,15 +79,10 @@ pub const SLP_EN: u16 = 1 << 13;
 /// a byte here once, the VMM logs the time since process start.
 pub const BOOT_MARKER_PORT: u16 = 0x80;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn regions_do_not_overlap() {
-        assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
-        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_ADDR);
-        assert!(ACPI_START + ACPI_SIZE <= HIGH_RAM_START);
-        assert!(PML4_START > BOOT_STACK_POINTER);
-    }
-}
+// The regions must not overlap; checked at compile time.
+const _: () = {
+    assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_ADDR);
+    assert!(ACPI_START + ACPI_SIZE <= HIGH_RAM_START);
+    assert!(PML4_START > BOOT_STACK_POINTER);
+};

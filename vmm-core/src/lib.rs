@@ -1,1 +1,18 @@
+//! vmm-core: Flotilla's machine process. It owns KVM, guest RAM (a shared memfd), the vCPU
+//! threads, the legacy platform devices, the PCI root complex and the ACPI tables, and offers
+//! the run-state API the monitor drives. Device data paths live in vhost-user daemons.
 
+pub mod acpi;
+pub mod boot;
+pub mod chardev;
+pub mod cpuid;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+pub mod regs;
+pub mod runstate;
+pub mod vcpu;
+pub mod vm;
+
+pub use runstate::{RunState, VmEvent, VmEventKind};
+pub use vm::{ExitReason, Vm, VmError};

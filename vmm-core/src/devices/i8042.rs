@@ -1,0 +1,30 @@
+//! Just enough of the i8042 keyboard controller for the reset line: command 0xFE on port 0x64
+//! pulses the CPU reset. Status reads say "nothing to read, ready for input".
+
+use super::bus::BusDevice;
+use super::{ActionSink, GuestAction};
+
+pub struct I8042 {
+    actions: ActionSink,
+}
+
+impl I8042 {
+    pub fn new(actions: ActionSink) -> Self {
+        I8042 { actions }
+    }
+}
+
+const CMD_RESET_CPU: u8 = 0xfe;
+
+impl BusDevice for I8042 {
+    // Mapped at 0x60..0x65: offset 0 = data, offset 4 = status/command.
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == 4 && data.first() == Some(&CMD_RESET_CPU) {
+            (self.actions)(GuestAction::Reset);
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Guest RAM: one shared memfd (so vhost-user backends can map it from SET_MEM_TABLE), split
+//! around the PCI hole, and the e820 map that describes it to the guest.
+
+use crate::layout;
+use std::fs::File;
+use std::sync::Arc;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+pub type GuestMemory = GuestMemoryMmap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest RAM size {0} bytes is too small (at least 16 MiB)")]
+    TooSmall(u64),
+    #[error("cannot set up {requested} MiB of guest RAM: the host has only {host} MiB of memory and swap")]
+    HostTooSmall { requested: u64, host: u64 },
+    #[error("creating the guest RAM memfd")]
+    Memfd(#[source] nix::Error),
+    #[error("sizing the guest RAM memfd to {1} bytes")]
+    Truncate(#[source] std::io::Error, u64),
+    #[error("mapping guest RAM")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+}
+
+/// One e820 entry (type 1 = RAM, 2 = reserved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+}
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
+
+/// Guest RAM and the file behind it.
+pub struct GuestRam {
+    pub mem: GuestMemory,
+    pub memfd: Arc<File>,
+    pub size: u64,
+}
+
+/// Guest-physical ranges of RAM for `size` bytes: below the PCI hole, then above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    if size <= layout::PCI_HOLE_START {
+        vec![(0, size)]
+    } else {
+        vec![
+            (0, layout::PCI_HOLE_START),
+            (layout::RAM_ABOVE_4G_START, size - layout::PCI_HOLE_START),
+        ]
+    }
+}
+
+/// The e820 map the guest sees: low RAM, the reserved BIOS area (where the ACPI tables are),
+/// RAM from 1 MiB, and RAM above 4 GiB. The PCI hole is left out (the ECAM region is reported
+/// through MCFG, as on real machines).
+pub fn e820_map(size: u64) -> Vec<E820Entry> {
+    let mut map = vec![
+        E820Entry { addr: 0, size: layout::EBDA_START, kind: E820_RAM },
+        E820Entry {
+            addr: layout::EBDA_START,
+            size: layout::HIGH_RAM_START - layout::EBDA_START,
+            kind: E820_RESERVED,
+        },
+    ];
+    for (start, len) in ram_ranges(size) {
+        let (start, len) = if start == 0 {
+            (layout::HIGH_RAM_START, len - layout::HIGH_RAM_START)
+        } else {
+            (start, len)
+        };
+        map.push(E820Entry { addr: start, size: len, kind: E820_RAM });
+    }
+    map
+}
+
+/// What the host can back: physical memory plus swap. A memfd is allocated lazily, so without
+/// this check an impossible `-m` would only fail when the guest touches the memory (SIGBUS).
+fn host_capacity_bytes() -> Option<u64> {
+    let info = nix::sys::sysinfo::sysinfo().ok()?;
+    Some(info.ram_total() + info.swap_total())
+}
+
+impl GuestRam {
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        if size < (16 << 20) {
+            return Err(MemoryError::TooSmall(size));
+        }
+        if let Some(host) = host_capacity_bytes() {
+            if size > host {
+                return Err(MemoryError::HostTooSmall { requested: size >> 20, host: host >> 20 });
+            }
+        }
+        let fd = nix::sys::memfd::memfd_create(
+            c"flotilla-guest-ram",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .map_err(MemoryError::Memfd)?;
+        let file = Arc::new(File::from(fd));
+        file.set_len(size).map_err(|e| MemoryError::Truncate(e, size))?;
+        let mut offset = 0u64;
+        let regions: Vec<_> = ram_ranges(size)
+            .into_iter()
+            .map(|(start, len)| {
+                let r = (
+                    GuestAddress(start),
+                    len as usize,
+                    Some(FileOffset::from_arc(file.clone(), offset)),
+                );
+                offset += len;
+                r
+            })
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges_with_files(regions).map_err(MemoryError::Map)?;
+        Ok(GuestRam { mem, memfd: file, size })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_ram_is_one_range() {
+        assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
+    }
+
+    #[test]
+    fn large_ram_skips_the_pci_hole() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r, vec![(0, 0xc000_0000), (1 << 32, 1 << 30)]);
+        let e = e820_map(4 << 30);
+        let ram: u64 = e.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        assert_eq!(ram, (4 << 30) - (layout::HIGH_RAM_START - layout::EBDA_START));
+    }
+
+    #[test]
+    fn refuses_more_than_the_host_has() {
+        assert!(matches!(GuestRam::new(1 << 50), Err(MemoryError::HostTooSmall { .. })));
+        assert!(matches!(GuestRam::new(1 << 20), Err(MemoryError::TooSmall(_))));
+    }
+
+    #[test]
+    fn maps_a_memfd() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(32 << 20).expect("ram");
+        ram.mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).expect("write");
+        let v: u32 = ram.mem.read_obj(GuestAddress(0x1000)).expect("read");
+        assert_eq!(v, 0xdead_beef);
+        assert_eq!(ram.memfd.metadata().expect("stat").len(), 32 << 20);
+    }
+}
