@@ -71,17 +71,18 @@ pub enum ExitReason {
     GuestReset,
 }
 
-/// memsave/pmemsave failures, worded as QEMU words them.
+/// memsave/pmemsave failures, worded as QEMU words them (the seed names the classes:
+/// InvalidParameterValue, OpenFileFailed, IOError).
 #[derive(Debug, thiserror::Error)]
 pub enum MemsaveError {
-    #[error("Invalid parameter 'cpu-index'")]
+    #[error("Parameter 'cpu-index' expects a CPU number")]
     InvalidCpu,
     #[error("Invalid addr 0x{addr:016x}/size {size} specified")]
     InvalidRange { addr: u64, size: u64 },
-    #[error("Could not open '{0}': {1}")]
+    #[error("Could not open '{}': {1}", .0.display())]
     Open(PathBuf, std::io::Error),
-    #[error("writing to file: {0}")]
-    Write(std::io::Error),
+    #[error("An IO error has occurred")]
+    Write(#[source] std::io::Error),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
 }
@@ -387,7 +388,6 @@ impl Vm {
     pub fn memsave(&self, addr: u64, size: u64, path: &Path, cpu: usize) -> Result<(), MemsaveError> {
         let vcpu = self.inner.vcpus.get(cpu).ok_or(MemsaveError::InvalidCpu)?;
         let mut f = std::fs::File::create(path).map_err(|e| MemsaveError::Open(path.to_path_buf(), e))?;
-        let bad = MemsaveError::InvalidRange { addr, size };
         let mut done = 0u64;
         let mut buf = vec![0u8; 4096];
         while done < size {
@@ -403,7 +403,6 @@ impl Vm {
             f.write_all(&buf[..chunk]).map_err(MemsaveError::Write)?;
             done += chunk as u64;
         }
-        drop(bad);
         Ok(())
     }
 
