@@ -79,8 +79,8 @@ pub enum MemsaveError {
     InvalidCpu,
     #[error("Invalid addr 0x{addr:016x}/size {size} specified")]
     InvalidRange { addr: u64, size: u64 },
-    #[error("Could not open '{}': {1}", .0.display())]
-    Open(PathBuf, std::io::Error),
+    #[error("Could not open '{}': {err}", .path.display())]
+    Open { path: PathBuf, err: std::io::Error },
     #[error("An IO error has occurred")]
     Write(#[source] std::io::Error),
     #[error(transparent)]
@@ -361,7 +361,7 @@ impl Vm {
 
     /// `pmemsave`: guest-physical memory to a file.
     pub fn pmemsave(&self, addr: u64, size: u64, path: &Path) -> Result<(), MemsaveError> {
-        let mut f = std::fs::File::create(path).map_err(|e| MemsaveError::Open(path.to_path_buf(), e))?;
+        let mut f = std::fs::File::create(path).map_err(|e| MemsaveError::Open { path: path.to_path_buf(), err: e })?;
         let mut buf = vec![0u8; 4096];
         let mut done = 0u64;
         while done < size {
@@ -387,7 +387,7 @@ impl Vm {
     /// `memsave`: guest-virtual memory, translated through `cpu`'s page tables, to a file.
     pub fn memsave(&self, addr: u64, size: u64, path: &Path, cpu: usize) -> Result<(), MemsaveError> {
         let vcpu = self.inner.vcpus.get(cpu).ok_or(MemsaveError::InvalidCpu)?;
-        let mut f = std::fs::File::create(path).map_err(|e| MemsaveError::Open(path.to_path_buf(), e))?;
+        let mut f = std::fs::File::create(path).map_err(|e| MemsaveError::Open { path: path.to_path_buf(), err: e })?;
         let mut done = 0u64;
         let mut buf = vec![0u8; 4096];
         while done < size {
