@@ -145,10 +145,13 @@ void map_uncached(u64 paddr, u64 size);
 void idt_init(void);
 void idt_load(void);
 void nmi_report(void);
+void vectors_report(void);
 extern volatile u64 nmi_counts[256];
 #define VEC_PIC_BASE 0x20       /* the masked 8259s, remapped out of the exception range */
 #define VEC_UART 0x30
 #define VEC_SCI 0x31
+#define VEC_TEST_BASE 0x40      /* 0x40..0x4f: counted per CPU and EOIed (the `vectors` command) */
+#define VEC_TEST_COUNT 16
 #define VEC_SPURIOUS 0xff
 
 /* apic.c */

@@ -134,6 +134,8 @@ static void run_command(char *l)
         cmd_write(argc, argv, orig);
     } else if (!strcmp(c, "nmis")) {
         nmi_report();
+    } else if (!strcmp(c, "vectors")) {
+        vectors_report();
     } else if (!strcmp(c, "poweroff")) {
         acpi_poweroff();
     } else if (!strcmp(c, "reset")) {

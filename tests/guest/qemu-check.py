@@ -273,6 +273,7 @@ class Checker:
         g.ask("frobnicate 1 2", "ERR unknown frobnicate 1 2")
         g.ask("mark", "MARKED")
         g.ask("cmdline", "CMDLINE " + re.escape(CMDLINE))
+        g.ask("vectors", r"VECTORS total=0$")
         g.send("mem")
         g.expect(r"MEM total=%d entries=%d" % (rep["mem_total"], len(rep["e820"])))
         for s, e, t in rep["e820"]:

@@ -1,7 +1,8 @@
 /*
  * AP start: INIT-SIPI-SIPI to every enabled LAPIC in the MADT but ours, all at once, with a
  * bounded wait. Each AP comes up through tramp.S into ap_main, marks itself online and parks in
- * hlt with interrupts off (NMIs still get counted by idt.c).
+ * hlt with interrupts on: nothing is routed to it but what the host sends (NMIs, MSIs on the test
+ * vectors), which idt.c counts.
  */
 #include "guest.h"
 
@@ -23,7 +24,8 @@ void ap_main(void)
     u32 id = lapic_id();
     ap_up[id & 0xff] = 1;
     __atomic_fetch_add(&cpus_online, 1, __ATOMIC_SEQ_CST);
-    halt_forever();
+    for (;;)
+        sti_hlt();
 }
 
 void smp_start(void)

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod chardev;
 pub mod cpuid;
 pub mod devices;
+pub mod irq;
 pub mod layout;
 pub mod memory;
 pub mod regs;

@@ -13,6 +13,7 @@ use crate::devices::pci::{PciBus, PciConfigIo, PciEcam, PciFunctionInfo, SharedP
 use crate::devices::pm::{AcpiPm, ResetControl, PM_BLOCK_LEN};
 use crate::devices::serial::SerialDevice;
 use crate::devices::{ActionSink, GuestAction, IrqLevel};
+use crate::irq::{IrqError, IrqRouter, SharedIrqRouter};
 use crate::layout;
 use crate::memory::{GuestRam, MemoryError};
 use crate::runstate::{EventHub, RunState, VmEvent, VmEventKind};
@@ -26,7 +27,6 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vm_config::MachineConfig;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -58,6 +58,8 @@ pub enum VmError {
     ResetRequired,
     #[error("vCPU {0}: {1}")]
     VcpuOp(u8, String),
+    #[error("interrupt routing: {0}")]
+    Irq(#[from] IrqError),
 }
 
 /// Why the machine ended (the process then exits).
@@ -117,6 +119,7 @@ struct VmInner {
     boot_marker: Arc<Mutex<Option<Duration>>>,
     control: Sender<ControlMsg>,
     nmi_supported: bool,
+    irq: SharedIrqRouter,
 }
 
 /// A running (or paused) machine. Cloning shares it.
@@ -171,6 +174,12 @@ impl Vm {
         vm.create_irq_chip().map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+        // The GSI routing table from here on is the router's (KVM's defaults, then MSI routes);
+        // sending it once now checks that KVM takes it.
+        let gsi_limit = u32::try_from(kvm.check_extension_int(Cap::IrqRouting)).unwrap_or(0);
+        let irq_router = IrqRouter::new(vm.clone(), gsi_limit);
+        irq_router.commit()?;
+        let irq_router: SharedIrqRouter = Arc::new(Mutex::new(irq_router));
 
         let (control, control_rx) = channel::<ControlMsg>();
         let actions: ActionSink = {
@@ -207,8 +216,7 @@ impl Vm {
 
         let serial = match &cfg.serial {
             Some(chr) => {
-                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-                vm.register_irqfd(&irq, layout::COM1_IRQ).map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+                let irq = lock(&irq_router).irqfd_for_pin(layout::COM1_IRQ)?;
                 let out = Arc::new(OnceLock::new());
                 let dev = Arc::new(Mutex::new(SerialDevice::new(irq, ChardevWriter(out.clone()))));
                 let input = dev.clone();
@@ -254,6 +262,7 @@ impl Vm {
             boot_marker,
             control,
             nmi_supported,
+            irq: irq_router,
         });
         inner.load_and_reset_cpus()?;
         spawn_controller(Arc::downgrade(&inner), control_rx);
@@ -428,6 +437,11 @@ impl Vm {
             let left = deadline.checked_duration_since(Instant::now())?;
             st = self.inner.exited.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
         }
+    }
+
+    /// The VM's GSI routing table: MSI vectors (irqfd + route) for PCI devices.
+    pub fn irq_router(&self) -> SharedIrqRouter {
+        self.inner.irq.clone()
     }
 
     /// The guest RAM memfd (for vhost-user backends) and the memory map.
