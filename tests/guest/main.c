@@ -116,6 +116,21 @@ static void cmd_kbdreset(void)
     kprintf("ERR kbdreset still-running\n");
 }
 
+/* Jumps to a guest-virtual address (with interrupts off), e.g. into the unassigned MMIO hole
+ * to make the hypervisor fail to fetch an instruction. */
+static void cmd_jump(int argc, char **argv, const char *orig)
+{
+    u64 target;
+    if (argc != 2 || parse_u64(argv[1], 16, &target)) {
+        kprintf("ERR usage %s\n", orig);
+        return;
+    }
+    kprintf("JUMPING 0x%lx\n", target);
+    cli();
+    __asm__ volatile("jmp *%0" ::"r"(target));
+    __builtin_unreachable();
+}
+
 static void run_command(char *l)
 {
     char orig[sizeof(line)];
@@ -136,6 +151,8 @@ static void run_command(char *l)
         nmi_report();
     } else if (!strcmp(c, "vectors")) {
         vectors_report();
+    } else if (!strcmp(c, "jump")) {
+        cmd_jump(argc, argv, orig);
     } else if (!strcmp(c, "poweroff")) {
         acpi_poweroff();
     } else if (!strcmp(c, "reset")) {

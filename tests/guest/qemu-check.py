@@ -274,6 +274,8 @@ class Checker:
         g.ask("mark", "MARKED")
         g.ask("cmdline", "CMDLINE " + re.escape(CMDLINE))
         g.ask("vectors", r"VECTORS total=0$")
+        g.ask("jump", r"ERR usage jump$")
+        g.ask("jump xyz", r"ERR usage jump xyz$")
         g.send("mem")
         g.expect(r"MEM total=%d entries=%d" % (rep["mem_total"], len(rep["e820"])))
         for s, e, t in rep["e820"]:

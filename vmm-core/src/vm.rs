@@ -100,6 +100,8 @@ pub struct ChardevInfo {
 struct MachineState {
     run: RunState,
     exit: Option<ExitReason>,
+    /// Why the machine is in `internal-error` (which vCPU, what KVM reported); cleared by reset.
+    fault: Option<(u8, String)>,
 }
 
 struct VmInner {
@@ -253,7 +255,7 @@ impl Vm {
             vm,
             ram,
             vcpus,
-            state: Mutex::new(MachineState { run: RunState::Prelaunch, exit: None }),
+            state: Mutex::new(MachineState { run: RunState::Prelaunch, exit: None, fault: None }),
             exited: Condvar::new(),
             events: EventHub::default(),
             pm,
@@ -444,6 +446,11 @@ impl Vm {
         self.inner.irq.clone()
     }
 
+    /// While in `internal-error`: the vCPU that stopped and what KVM reported.
+    pub fn internal_error(&self) -> Option<(u8, String)> {
+        lock(&self.inner.state).fault.clone()
+    }
+
     /// The guest RAM memfd (for vhost-user backends) and the memory map.
     pub fn guest_memory(&self) -> &GuestRam {
         &self.inner.ram
@@ -528,6 +535,7 @@ impl VmInner {
         }
         self.pause_all()?;
         self.load_and_reset_cpus()?;
+        st.fault = None;
         self.events.emit(VmEventKind::Reset { guest });
         if st.run == RunState::Running {
             for v in &self.vcpus {
@@ -593,6 +601,7 @@ impl VmInner {
         }
         let was_running = st.run == RunState::Running;
         st.run = RunState::InternalError;
+        st.fault = Some((cpu, reason));
         if was_running {
             self.events.emit(VmEventKind::Stop);
         }
