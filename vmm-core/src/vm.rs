@@ -48,8 +48,6 @@ pub enum VmError {
     AcpiWrite(String),
     #[error("device bus: {0}")]
     Bus(#[from] crate::devices::bus::OverlapError),
-    #[error("eventfd: {0}")]
-    EventFd(#[source] std::io::Error),
     #[error("chardev '{0}': {1}")]
     Chardev(String, String),
     #[error(transparent)]
