@@ -5,3 +5,4 @@
 pub mod console;
 pub mod guest;
 pub mod machine;
+pub mod process;

@@ -1,0 +1,432 @@
+//! The `flotilla` launcher end to end, through the real executables: `flotilla` parses QEMU's
+//! options and runs `vmm-core --config-json ...`, which boots the freestanding test guest under
+//! KVM. What a caller of `qemu-system-x86_64` relies on is checked from outside, as such a
+//! caller sees it: the serial console, the exit status, signals, `-pidfile`, `-daemonize`, error
+//! messages on stderr with exit code 1, and that nothing is left running or lying around
+//! (no vmm-core process, no socket file, no pid file) afterwards.
+//!
+//! The binaries are built next to this test executable (`flotilla_tests::process::binaries`:
+//! one `cargo build -p flotilla -p vmm-core` per test process, or `FLOTILLA_BIN_DIR`).
+//! Every wait is bounded; a failing test kills what it started (`Reaper`).
+
+use flotilla_tests::console::{field, Console};
+use flotilla_tests::guest::guest_elf;
+use flotilla_tests::machine::TempDir;
+use flotilla_tests::process::{
+    alive, binaries, describe, processes_mentioning, signal, vmm_core_child, wait_gone, wait_timeout, Collector, Reaper,
+};
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+const BOOT: Duration = Duration::from_secs(30);
+const REPLY: Duration = Duration::from_secs(10);
+/// How long the launcher may take to exit after the guest powered off or a signal.
+const EXIT: Duration = Duration::from_secs(15);
+
+fn flotilla() -> Command {
+    let mut c = Command::new(&binaries().flotilla);
+    // The launcher would find vmm-core next to itself anyway; be explicit.
+    c.env("FLOTILLA_VMM_CORE", &binaries().vmm_core).env_remove("RUST_LOG");
+    c
+}
+
+fn elf() -> String {
+    guest_elf().display().to_string()
+}
+
+/// A VM started through flotilla with COM1 on a unix socket in its scratch directory.
+struct Launched {
+    reaper: Reaper,
+    stderr: Collector,
+    sock: PathBuf,
+    dir: TempDir,
+}
+
+impl Launched {
+    /// `flotilla -m 128 -smp 2 -kernel ELF -serial unix:SOCK,server=on,wait=on -display none
+    /// EXTRA...`: vmm-core waits for our connection before the guest runs, so no output is lost.
+    fn start(tag: &str, extra: &[&str]) -> Launched {
+        let dir = TempDir::new(tag);
+        let sock = dir.path("serial.sock");
+        let serial = format!("unix:{},server=on,wait=on", sock.display());
+        let mut cmd = flotilla();
+        cmd.args(["-m", "128", "-smp", "2", "-kernel", &elf(), "-serial", &serial, "-display", "none"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning flotilla");
+        let stderr = Collector::new(child.stderr.take().expect("stderr"));
+        let marker = dir.0.display().to_string();
+        Launched { reaper: Reaper::new(child, &marker), stderr, sock, dir }
+    }
+
+    fn pid(&self) -> i32 {
+        self.reaper.pid()
+    }
+
+    fn marker(&self) -> &str {
+        &self.reaper.marker
+    }
+
+    /// Connects to the serial socket and waits for the boot report's READY.
+    fn console(&self) -> Console {
+        let mut c = Console::connect(&self.sock, BOOT).unwrap_or_else(|e| panic!("{e}"));
+        c.expect("READY", BOOT).unwrap_or_else(|e| panic!("{e}"));
+        c
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match wait_timeout(self.reaper.child(), timeout) {
+            Some(s) => s,
+            None => panic!("flotilla still running after {timeout:?}; stderr so far is not available"),
+        }
+    }
+
+    /// After flotilla has exited: nothing of the VM may be left.
+    fn assert_cleaned_up(&self, vmm_core: Option<i32>) {
+        if let Some(pid) = vmm_core {
+            assert!(wait_gone(pid, Duration::from_secs(2)), "vmm-core (pid {pid}) outlived flotilla");
+        }
+        let left = processes_mentioning(self.marker());
+        assert!(left.is_empty(), "processes left running: {left:?}");
+        assert!(!self.sock.exists(), "serial socket {} was not removed", self.sock.display());
+    }
+}
+
+fn report_line<'a>(history: &'a [String], prefix: &str) -> &'a str {
+    history.iter().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} line in {history:#?}"))
+}
+
+#[test]
+fn boots_the_test_guest_and_guest_poweroff_ends_flotilla_with_0() {
+    let t0 = Instant::now();
+    let mut vm = Launched::start("launch-poweroff", &[]);
+    let mut con = vm.console();
+    let booted = t0.elapsed();
+    let cpus = report_line(&con.history, "CPUS ").to_string();
+    assert_eq!(field(&cpus, "madt"), Some("2"), "{cpus}");
+    assert_eq!(field(&cpus, "online"), Some("2"), "{cpus}");
+    let mem = report_line(&con.history, "MEM ").to_string();
+    let total: u64 = field(&mem, "total").and_then(|v| v.parse().ok()).expect("MEM total");
+    // -m 128 less the 384 KiB legacy hole below 1 MiB.
+    assert_eq!(total, (128 << 20) - (0x10_0000 - 0x9_fc00), "{mem}");
+    con.command("ping", "PONG", REPLY).expect("ping");
+    assert_eq!(con.command("cpus", "CPUS", REPLY).expect("cpus"), "CPUS madt=2 online=2");
+
+    let core = vmm_core_child(vm.pid(), Duration::from_secs(5)).expect("flotilla has a vmm-core child");
+    assert!(alive(core));
+    con.command("poweroff", "POWEROFF", REPLY).expect("poweroff");
+    let status = vm.wait_exit(EXIT);
+    let stderr = vm.stderr.take();
+    assert_eq!(status.code(), Some(0), "flotilla ended with {}; stderr:\n{stderr}", describe(status));
+    vm.assert_cleaned_up(Some(core));
+    eprintln!("boot to READY through flotilla: {booted:?}; whole test {:?}", t0.elapsed());
+}
+
+#[test]
+fn sigterm_to_flotilla_ends_both_processes_and_removes_the_socket() {
+    let mut vm = Launched::start("launch-sigterm", &[]);
+    let mut con = vm.console();
+    con.command("ping", "PONG", REPLY).expect("ping");
+    let core = vmm_core_child(vm.pid(), Duration::from_secs(5)).expect("vmm-core child");
+    assert!(vm.sock.exists());
+    signal(vm.pid(), libc::SIGTERM);
+    let status = vm.wait_exit(EXIT);
+    let stderr = vm.stderr.take();
+    // QEMU exits 0 after "terminating on signal"; so does flotilla.
+    assert_eq!(status.code(), Some(0), "flotilla ended with {}; stderr:\n{stderr}", describe(status));
+    assert!(stderr.contains("terminating on signal"), "stderr:\n{stderr}");
+    vm.assert_cleaned_up(Some(core));
+}
+
+#[test]
+fn no_shutdown_keeps_the_process_after_guest_poweroff() {
+    let mut vm = Launched::start("launch-noshutdown", &["-no-shutdown"]);
+    let mut con = vm.console();
+    let core = vmm_core_child(vm.pid(), Duration::from_secs(5)).expect("vmm-core child");
+    con.command("poweroff", "POWEROFF", REPLY).expect("poweroff");
+    // The guest prints `ERR poweroff` when it is still running a second after writing S5: no
+    // such line means its CPUs stopped, while both processes stay (QEMU: run state shutdown).
+    let after = con.drain_for(Duration::from_millis(1500));
+    assert!(after.iter().all(|l| !l.starts_with("ERR")), "guest kept running after S5: {after:?}");
+    assert!(
+        vm.reaper.child().try_wait().expect("try_wait").is_none(),
+        "flotilla exited after the guest's poweroff despite -no-shutdown"
+    );
+    assert!(alive(core), "vmm-core exited despite -no-shutdown");
+    assert!(vm.sock.exists());
+    signal(vm.pid(), libc::SIGTERM);
+    let status = vm.wait_exit(EXIT);
+    let stderr = vm.stderr.take();
+    assert_eq!(status.code(), Some(0), "flotilla ended with {}; stderr:\n{stderr}", describe(status));
+    vm.assert_cleaned_up(Some(core));
+}
+
+#[test]
+fn pidfile_holds_the_launcher_pid_and_is_removed_on_exit() {
+    let pidfile_dir = TempDir::new("launch-pidfile-dir");
+    let pidfile = pidfile_dir.path("vm.pid");
+    let mut vm = Launched::start("launch-pidfile", &["-pidfile", pidfile.to_str().expect("utf-8")]);
+    let mut con = vm.console();
+    let text = std::fs::read_to_string(&pidfile).expect("pid file exists while the VM runs");
+    assert_eq!(text, format!("{}\n", vm.pid()));
+    con.command("poweroff", "POWEROFF", REPLY).expect("poweroff");
+    let status = vm.wait_exit(EXIT);
+    assert_eq!(status.code(), Some(0), "{}; stderr:\n{}", describe(status), vm.stderr.take());
+    assert!(!pidfile.exists(), "pid file {} left behind", pidfile.display());
+    vm.assert_cleaned_up(None);
+}
+
+/// Sends `ping` until PONG comes back: a `wait=off` socket drops what the guest said before we
+/// connected, and a line sent before the guest listens may be lost.
+fn ping_until_pong(con: &mut Console, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match con.command("ping", "PONG", Duration::from_millis(500)) {
+            Ok(_) => return,
+            Err(e) if Instant::now() >= deadline => panic!("no PONG within {timeout:?}: {e}"),
+            Err(_) => {}
+        }
+    }
+}
+
+#[test]
+fn daemonize_returns_and_the_vm_keeps_running_until_killed_via_the_pidfile() {
+    let dir = TempDir::new("launch-daemon");
+    let sock = dir.path("serial.sock");
+    let pidfile = dir.path("vm.pid");
+    let serial = format!("unix:{},server=on,wait=off", sock.display());
+    let marker = dir.0.display().to_string();
+    let mut child = flotilla()
+        .args(["-m", "128", "-smp", "2", "-kernel", &elf(), "-serial", &serial, "-display", "none"])
+        .args(["-daemonize", "-pidfile", pidfile.to_str().expect("utf-8")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning flotilla");
+    let mut stderr = Collector::new(child.stderr.take().expect("stderr"));
+    let caller_pid = child.id() as i32;
+    let mut reaper = Reaper::new(child, &marker);
+    let status = wait_timeout(reaper.child(), BOOT).expect("-daemonize returns to its caller");
+    assert_eq!(status.code(), Some(0), "{}; stderr:\n{}", describe(status), stderr.take());
+
+    let daemon: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pid file written by the daemon")
+        .trim()
+        .parse()
+        .expect("pid file holds a pid");
+    reaper.extra.push(daemon);
+    assert_ne!(daemon, caller_pid, "the daemon is a new process");
+    assert!(alive(daemon), "daemon {daemon} is not running");
+    let core = vmm_core_child(daemon, Duration::from_secs(5)).expect("the daemon supervises vmm-core");
+
+    let mut con = Console::connect(&sock, BOOT).unwrap_or_else(|e| panic!("{e}"));
+    ping_until_pong(&mut con, BOOT);
+    assert_eq!(con.command("cpus", "CPUS", REPLY).expect("cpus"), "CPUS madt=2 online=2");
+
+    signal(daemon, libc::SIGTERM);
+    assert!(wait_gone(daemon, EXIT), "daemon {daemon} survived SIGTERM");
+    assert!(wait_gone(core, Duration::from_secs(2)), "vmm-core {core} outlived the daemon");
+    assert!(!pidfile.exists(), "pid file left behind");
+    assert!(!sock.exists(), "serial socket left behind");
+    let left = processes_mentioning(&marker);
+    assert!(left.is_empty(), "processes left running: {left:?}");
+}
+
+#[test]
+fn nographic_puts_the_serial_console_on_stdio() {
+    let dir = TempDir::new("launch-nographic");
+    let marker = dir.0.display().to_string();
+    // The marker only has to reach vmm-core's command line (the config JSON): use it as -name.
+    let mut child = flotilla()
+        .args(["-m", "128", "-smp", "2", "-kernel", &elf(), "-nographic", "-name", &marker])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning flotilla");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut stderr = Collector::new(child.stderr.take().expect("stderr"));
+    let mut reaper = Reaper::new(child, &marker);
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line.trim_end_matches('\r').to_string()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut expect = |rx: &Receiver<String>, prefix: &str| -> String {
+        let deadline = Instant::now() + BOOT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => {
+                    seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return l;
+                    }
+                }
+                Err(e) => panic!("no '{prefix}' on stdout ({e}); got {seen:#?}"),
+            }
+        }
+    };
+    let banner = expect(&rx, "FLOTILLA-GUEST v1");
+    assert_eq!(banner, "FLOTILLA-GUEST v1 boot=1");
+    expect(&rx, "READY");
+    stdin.write_all(b"ping\n").expect("write ping");
+    expect(&rx, "PONG");
+    stdin.write_all(b"poweroff\n").expect("write poweroff");
+    expect(&rx, "POWEROFF");
+    let status = wait_timeout(reaper.child(), EXIT).expect("flotilla exits after poweroff");
+    assert_eq!(status.code(), Some(0), "{}; stderr:\n{}", describe(status), stderr.take());
+    let left = processes_mentioning(&marker);
+    assert!(left.is_empty(), "processes left running: {left:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input: a clear message on stderr, exit code 1, nothing left running or lying around.
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `flotilla ARGS -serial unix:SOCK,server=on,wait=off -display none` and checks that it
+/// fails the way QEMU does: exit code 1, stderr naming the problem (every one of `want`), and
+/// no vmm-core process or socket file left. Returns stderr.
+fn refused(tag: &str, args: &[&str], want: &[&str]) -> String {
+    refused_in(TempDir::new(tag), args, want)
+}
+
+fn refused_in(dir: TempDir, args: &[&str], want: &[&str]) -> String {
+    let sock = dir.path("serial.sock");
+    let serial = format!("unix:{},server=on,wait=off", sock.display());
+    let marker = dir.0.display().to_string();
+    let mut child = flotilla()
+        .args(args)
+        .args(["-serial", &serial, "-display", "none", "-name", &marker])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning flotilla");
+    let mut stderr = Collector::new(child.stderr.take().expect("stderr"));
+    let mut stdout = Collector::new(child.stdout.take().expect("stdout"));
+    let pid = child.id() as i32;
+    let mut reaper = Reaper::new(child, &marker);
+    let status = wait_timeout(reaper.child(), BOOT).unwrap_or_else(|| {
+        panic!(
+            "flotilla {args:?} still running after {BOOT:?} (children: {:?})",
+            flotilla_tests::process::children(pid)
+        )
+    });
+    let err = stderr.take();
+    let out = stdout.take();
+    assert_eq!(status.code(), Some(1), "flotilla {args:?}: {}, want exit 1; stderr:\n{err}", describe(status));
+    let first = err.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with("flotilla: ") || first.starts_with("vmm-core: "),
+        "flotilla {args:?}: the message should say who failed; stderr:\n{err}"
+    );
+    for w in want {
+        assert!(err.contains(w), "flotilla {args:?}: stderr lacks {w:?}:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "flotilla {args:?} panicked:\n{err}");
+    assert!(out.is_empty(), "flotilla {args:?} wrote to stdout: {out:?}");
+    let left = processes_mentioning(&marker);
+    assert!(left.is_empty(), "flotilla {args:?} left processes running: {left:?}");
+    assert!(!sock.exists(), "flotilla {args:?} left the socket {}", sock.display());
+    err
+}
+
+#[test]
+fn refuses_a_kernel_that_is_a_text_file() {
+    let dir = TempDir::new("bad-kernel-text");
+    let k = dir.path("hostname");
+    std::fs::write(&k, "flotilla-host\n").expect("write");
+    let k = k.display().to_string();
+    refused_in(dir, &["-kernel", &k], &["is not a kernel image", &k]);
+}
+
+#[test]
+fn refuses_a_kernel_of_random_bytes() {
+    let dir = TempDir::new("bad-kernel-random");
+    let k = dir.path("random.bin");
+    // Reproducible "random" bytes (xorshift), 64 KiB.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..65536)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&k, bytes).expect("write");
+    let k = k.display().to_string();
+    refused_in(dir, &["-kernel", &k], &["is not a kernel image", &k]);
+}
+
+#[test]
+fn refuses_a_missing_kernel_file() {
+    let dir = TempDir::new("bad-kernel-missing");
+    let k = dir.path("no-such-vmlinuz").display().to_string();
+    refused_in(dir, &["-kernel", &k], &["could not open kernel file", &k, "No such file"]);
+}
+
+#[test]
+fn refuses_an_initrd_larger_than_guest_ram() {
+    let dir = TempDir::new("bad-initrd");
+    let initrd = dir.path("big.img");
+    // Sparse: 512 MiB that take no disk space.
+    std::fs::File::create(&initrd).and_then(|f| f.set_len(512 << 20)).expect("sparse initrd");
+    let initrd = initrd.display().to_string();
+    refused_in(
+        dir,
+        &["-m", "64", "-kernel", &elf(), "-initrd", &initrd],
+        &["initrd", &initrd, "does not fit in guest RAM"],
+    );
+}
+
+#[test]
+fn refuses_more_memory_than_the_host_has() {
+    refused(
+        "bad-mem-host",
+        &["-m", "100T", "-kernel", &elf()],
+        &["cannot set up", "MiB of guest RAM", "the host has only"],
+    );
+}
+
+#[test]
+fn refuses_zero_cpus() {
+    refused("bad-smp", &["-smp", "0", "-kernel", &elf()], &["-smp 0:", "must be greater than zero"]);
+}
+
+#[test]
+fn refuses_an_unknown_option() {
+    refused("bad-option", &["-kernel", &elf(), "-frobnicate"], &["-frobnicate: invalid option"]);
+}
+
+#[test]
+fn refuses_a_malformed_memory_size() {
+    refused("bad-mem-syntax", &["-m", "12X", "-kernel", &elf()], &["-m 12X:", "Parameter 'size'"]);
+}
+
+/// The cleanup checks above look for processes whose command line mentions the test's scratch
+/// directory; this makes sure that finds a running vmm-core at all (so "none left" means
+/// something).
+#[test]
+fn leftover_check_finds_a_running_vmm_core() {
+    let vm = Launched::start("launch-marker", &["-S"]);
+    let _con = Console::connect(&vm.sock, BOOT).unwrap_or_else(|e| panic!("{e}"));
+    let core = vmm_core_child(vm.pid(), BOOT).expect("vmm-core child");
+    let found = processes_mentioning(vm.marker());
+    assert!(found.iter().any(|(p, _)| *p == core), "vmm-core {core} not found by marker: {found:?}");
+    assert!(found.iter().any(|(p, _)| *p == vm.pid()), "flotilla not found by marker: {found:?}");
+    assert!(vm.dir.0.is_dir());
+}
