@@ -303,8 +303,8 @@ pub fn introspection_xml(iface: &Interface) -> String {
 pub type XmlMethod = (String, Vec<(String, String, String)>);
 
 /// The methods of `interface` in an introspection document, each as
-/// `(name, [(arg name or "", signature, direction)])`, ignoring annotations and out-argument
-/// names (zbus leaves those unnamed). For comparing what a daemon's zbus object introspects
+/// `(name, [(arg name or "", signature, direction)])`, sorted by method name, ignoring
+/// annotations and out-argument names (zbus leaves those unnamed). For comparing what a daemon's zbus object introspects
 /// with [`methods`]: `methods_in_xml(&zbus_xml, name) == methods_in_xml(&introspection_xml(i), name)`.
 pub fn methods_in_xml(xml: &str, interface: &str) -> Vec<XmlMethod> {
     let mut out = Vec::new();
@@ -331,6 +331,7 @@ pub fn methods_in_xml(xml: &str, interface: &str) -> Vec<XmlMethod> {
             }
         }
     }
+    out.sort();
     out
 }
 
