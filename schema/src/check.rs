@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::parse::Builtin;
-use crate::table::{self, CommandInfo, Member, Ty};
+use crate::table::{self, CommandSpec, Member, Ty};
 
 /// Why a command's arguments were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,14 +113,14 @@ impl QmpError {
 }
 
 /// Finds `name` and checks `arguments` (absent = `{}`) against it.
-pub fn check_command(name: &str, arguments: Option<&Value>) -> Result<&'static CommandInfo, ArgError> {
+pub fn check_command(name: &str, arguments: Option<&Value>) -> Result<&'static CommandSpec, ArgError> {
     let cmd = table::command(name).ok_or_else(|| ArgError::CommandNotFound { name: name.to_string() })?;
     check_arguments(cmd, arguments)?;
     Ok(cmd)
 }
 
 /// Checks `arguments` (absent = `{}`) against the command's `'data'`.
-pub fn check_arguments(cmd: &CommandInfo, arguments: Option<&Value>) -> Result<(), ArgError> {
+pub fn check_arguments(cmd: &CommandSpec, arguments: Option<&Value>) -> Result<(), ArgError> {
     match arguments {
         None => check_members(cmd.members, &Map::new(), ""),
         Some(Value::Object(map)) => check_members(cmd.members, map, ""),
@@ -188,7 +188,7 @@ fn check_value(ty: &Ty, v: &Value, name: &str) -> Result<(), ArgError> {
         }
         Ty::Enum(e) => {
             let Value::String(s) = v else { return Err(wrong()) };
-            let info = table::enum_info(e).expect("the table names only known enums");
+            let info = table::enum_spec(e).expect("the table names only known enums");
             if info.values.contains(&s.as_str()) {
                 Ok(())
             } else {
@@ -197,7 +197,7 @@ fn check_value(ty: &Ty, v: &Value, name: &str) -> Result<(), ArgError> {
         }
         Ty::Struct(s) => {
             let Value::Object(map) = v else { return Err(wrong()) };
-            let info = table::struct_info(s).expect("the table names only known structs");
+            let info = table::struct_spec(s).expect("the table names only known structs");
             check_members(info.members, map, name)
         }
         Ty::List(element) => {

@@ -27,7 +27,7 @@ pub trait Command {
     type Returns: Serialize + DeserializeOwned + std::fmt::Debug + Clone + PartialEq;
 
     /// The command's entry in [`crate::table::COMMANDS`].
-    fn info() -> &'static crate::table::CommandInfo {
+    fn info() -> &'static crate::table::CommandSpec {
         crate::table::command(Self::NAME).expect("every generated command is in the table")
     }
 }

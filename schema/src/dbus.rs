@@ -37,12 +37,35 @@
 //! A method that fails answers the D-Bus error [`ERROR_NAME`] whose message is the JSON text of
 //! the QMP error object (`{"class": ..., "desc": ..., "data": ...}`), which the gateway passes
 //! on unchanged: see [`error_message`] and [`parse_error_message`].
+//!
+//! # Implementing an interface with zbus 6
+//!
+//! Checked with zbus 6.2.1 (outside this crate): this introspects exactly as
+//! [`introspection_xml`] says, and the error reaches a caller as `org.flotilla.Qmp.Error` with
+//! the JSON message.
+//!
+//! ```text
+//! #[derive(Debug, zbus::DBusError)]
+//! #[zbus(prefix = "org.flotilla.Qmp")]
+//! enum QmpDbusError { #[zbus(error)] ZBus(zbus::Error), Error(String) }
+//!
+//! #[zbus::interface(name = "org.flotilla.VmmCore1")]
+//! impl VmmCoreBus {
+//!     async fn memsave(&self, val: i64, size: i64, filename: String, cpu_index: Vec<i64>)
+//!         -> Result<(), QmpDbusError> { ... }
+//!     #[zbus(out_args("result"))]
+//!     async fn query_status(&self) -> Result<String, QmpDbusError> {
+//!         Ok(serde_json::to_string(&StatusInfo { .. }).unwrap())
+//!     }
+//! }
+//! // on failure: Err(QmpDbusError::Error(dbus::error_message(&qmp_error)))
+//! ```
 
 use std::fmt::Write as _;
 
 use crate::check::QmpError;
 use crate::parse::Builtin;
-use crate::table::{self, CommandInfo, Ty};
+use crate::table::{self, CommandSpec, Ty};
 
 /// The D-Bus error name of every QMP error a daemon returns; the message carries the error.
 pub const ERROR_NAME: &str = "org.flotilla.Qmp.Error";
@@ -174,7 +197,7 @@ pub struct Arg {
 pub struct Method {
     /// The D-Bus method name: the command in CamelCase (`inject-nmi` → `InjectNmi`).
     pub name: &'static str,
-    pub command: &'static CommandInfo,
+    pub command: &'static CommandSpec,
     pub in_args: Vec<Arg>,
     /// `None` when the command returns nothing.
     pub out: Option<Arg>,
@@ -218,7 +241,7 @@ pub fn signature(ty: &Ty) -> (String, bool) {
 }
 
 /// A command as a D-Bus method.
-pub fn method(cmd: &'static CommandInfo) -> Method {
+pub fn method(cmd: &'static CommandSpec) -> Method {
     let in_args = cmd
         .members
         .iter()

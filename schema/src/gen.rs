@@ -294,7 +294,7 @@ impl<'a> Gen<'a> {
         t.push('\n');
         t.push_str("/// Every struct: the schema's `'type'`s, their nested anonymous structs, and the\n");
         t.push_str("/// commands' argument structs, in that order.\n");
-        t.push_str("pub static STRUCTS: &[StructInfo] = &[\n");
+        t.push_str("pub static STRUCTS: &[StructSpec] = &[\n");
         for s in &self.structs {
             let kind = if self.schema.find_struct(&s.name).is_some() {
                 "StructKind::Schema"
@@ -303,7 +303,7 @@ impl<'a> Gen<'a> {
             } else {
                 "StructKind::Nested"
             };
-            let _ = writeln!(t, "    StructInfo {{");
+            let _ = writeln!(t, "    StructSpec {{");
             let _ = writeln!(t, "        name: {:?},", s.name);
             let _ = writeln!(t, "        kind: {kind},");
             emit_members(&mut t, "        ", &s.fields);
@@ -311,9 +311,9 @@ impl<'a> Gen<'a> {
         }
         t.push_str("];\n\n");
         t.push_str("/// Every enum of the schema.\n");
-        t.push_str("pub static ENUMS: &[EnumInfo] = &[\n");
+        t.push_str("pub static ENUMS: &[EnumSpec] = &[\n");
         for e in self.schema.enums() {
-            let _ = writeln!(t, "    EnumInfo {{");
+            let _ = writeln!(t, "    EnumSpec {{");
             let _ = writeln!(t, "        name: {:?},", e.name);
             let _ = writeln!(t, "        values: &[");
             for (v, _) in &e.values {
@@ -324,9 +324,9 @@ impl<'a> Gen<'a> {
         }
         t.push_str("];\n\n");
         t.push_str("/// Every command of the schema, in the schema's order.\n");
-        t.push_str("pub static COMMANDS: &[CommandInfo] = &[\n");
+        t.push_str("pub static COMMANDS: &[CommandSpec] = &[\n");
         for c in self.schema.commands() {
-            let _ = writeln!(t, "    CommandInfo {{");
+            let _ = writeln!(t, "    CommandSpec {{");
             let _ = writeln!(t, "        name: {:?},", c.name);
             let _ = writeln!(t, "        rust_name: {:?},", camel_case(&c.name));
             match args_struct.get(&c.name) {

@@ -50,21 +50,21 @@ pub enum StructKind {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StructInfo {
+pub struct StructSpec {
     pub name: &'static str,
     pub kind: StructKind,
     pub members: &'static [Member],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EnumInfo {
+pub struct EnumSpec {
     pub name: &'static str,
     pub values: &'static [&'static str],
 }
 
 /// A command: what `query-commands` lists, what the checker checks, what D-Bus exports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CommandInfo {
+pub struct CommandSpec {
     /// The wire name (`"query-status"`).
     pub name: &'static str,
     /// CamelCase (`"QueryStatus"`): the unit type in [`crate::commands`] and the D-Bus method.
@@ -80,17 +80,17 @@ pub struct CommandInfo {
 }
 
 /// Looks a command up by its wire name.
-pub fn command(name: &str) -> Option<&'static CommandInfo> {
+pub fn command(name: &str) -> Option<&'static CommandSpec> {
     COMMANDS.iter().find(|c| c.name == name)
 }
 
 /// Looks a struct up by its Rust name.
-pub fn struct_info(name: &str) -> Option<&'static StructInfo> {
+pub fn struct_spec(name: &str) -> Option<&'static StructSpec> {
     STRUCTS.iter().find(|s| s.name == name)
 }
 
 /// Looks an enum up by name.
-pub fn enum_info(name: &str) -> Option<&'static EnumInfo> {
+pub fn enum_spec(name: &str) -> Option<&'static EnumSpec> {
     ENUMS.iter().find(|e| e.name == name)
 }
 

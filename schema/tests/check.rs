@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use flotilla_schema::check::{check_arguments, check_command, ArgError, QmpError};
 use flotilla_schema::parse::Builtin;
-use flotilla_schema::table::{CommandInfo, Member, Ty};
+use flotilla_schema::table::{CommandSpec, Member, Ty};
 use serde_json::{json, Value};
 
 #[track_caller]
@@ -115,7 +115,7 @@ fn valid_arguments_pass() {
     accepted("blockdev-snapshot-sync", json!({"device": "d", "snapshot-file": "/o", "format": "qcow2"}));
 }
 
-static NESTED: CommandInfo = CommandInfo {
+static NESTED: CommandSpec = CommandSpec {
     name: "x-test",
     rust_name: "XTest",
     args_struct: None,

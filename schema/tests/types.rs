@@ -236,7 +236,7 @@ fn wire_names_are_the_schemas() {
 
 #[test]
 fn the_table_knows_the_rust_names() {
-    let cpu = table::struct_info("CpuInfo").unwrap();
+    let cpu = table::struct_spec("CpuInfo").unwrap();
     let pairs: Vec<(&str, &str)> = cpu.members.iter().map(|m| (m.name, m.rust_name)).collect();
     assert_eq!(
         pairs,
