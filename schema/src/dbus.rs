@@ -76,94 +76,42 @@ pub const COMMAND_ANNOTATION: &str = "org.flotilla.Qmp.Command";
 /// The annotation on a JSON-carrying argument or result naming its schema type.
 pub const JSON_TYPE_ANNOTATION: &str = "org.flotilla.Qmp.JsonType";
 
-/// One daemon's interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Interface {
-    /// The daemon (its binary and systemd unit stem).
-    pub daemon: &'static str,
-    /// The D-Bus interface name.
-    pub name: &'static str,
-    /// The QMP commands it implements, by wire name.
-    pub commands: &'static [&'static str],
+include!("dbus_interfaces.rs");
+
+/// The interface every daemon serves its QMP events on, at its object path.
+pub const EVENTS_INTERFACE: &str = "org.flotilla.Events1";
+
+/// The signal carrying one QMP event: `QmpEvent(s event, s data, x seconds, x microseconds)`.
+pub const EVENT_SIGNAL: &str = "QmpEvent";
+
+/// A VM instance name as it appears in bus names: every character outside `[A-Za-z0-9_]`
+/// becomes `_`, and a leading digit (or an empty name) gets a `_` prefix.
+pub fn bus_instance(instance: &str) -> String {
+    let mut s: String = instance.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+    if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
+        s.insert(0, '_');
+    }
+    s
 }
 
-/// `qom-list`, `qom-get` and `qom-set` are exported by every daemon: each answers for its own
-/// part of the QOM tree, and the gateway routes by path and merges `qom-list /`.
-pub const QOM_COMMANDS: [&str; 3] = ["qom-list", "qom-get", "qom-set"];
+/// The well-known bus name of a daemon of an instance: `org.flotilla.<instance>.<Daemon>`,
+/// `daemon` being the object name (`VmmCore`, `Block`, `Gateway`...).
+pub fn bus_name(instance: &str, daemon: &str) -> String {
+    format!("org.flotilla.{}.{daemon}", bus_instance(instance))
+}
 
-/// Commands the gateway answers itself, from this crate's table and the other daemons:
-/// `query-commands` from [`table::COMMANDS`], `human-monitor-command` by running its HMP subset
-/// over the daemons' methods.
-pub const GATEWAY_COMMANDS: [&str; 2] = ["query-commands", "human-monitor-command"];
+/// The object path of a daemon: `/org/flotilla/<Daemon>`.
+pub fn object_path(daemon: &str) -> String {
+    format!("/org/flotilla/{daemon}")
+}
 
-/// Every daemon interface. Each command of the schema is in exactly one of them, or in
-/// [`GATEWAY_COMMANDS`]; the [`QOM_COMMANDS`] are in all.
-pub static INTERFACES: &[Interface] = &[
-    Interface {
-        daemon: "vmm-core",
-        name: "org.flotilla.VmmCore1",
-        commands: &[
-            "query-name",
-            "query-version",
-            "query-kvm",
-            "query-status",
-            "query-uuid",
-            "query-chardev",
-            "query-migrate",
-            "query-cpus",
-            "query-pci",
-            "quit",
-            "stop",
-            "system_reset",
-            "system_powerdown",
-            "cpu",
-            "memsave",
-            "pmemsave",
-            "cont",
-            "inject-nmi",
-            "migrate_cancel",
-            "migrate_set_downtime",
-            "migrate_set_speed",
-            "qom-list",
-            "qom-get",
-            "qom-set",
-        ],
-    },
-    Interface {
-        daemon: "blockd",
-        name: "org.flotilla.Block1",
-        commands: &[
-            "query-block",
-            "query-blockstats",
-            "block_passwd",
-            "block_resize",
-            "blockdev-snapshot-sync",
-            "qom-list",
-            "qom-get",
-            "qom-set",
-        ],
-    },
-    Interface { daemon: "netd", name: "org.flotilla.Net1", commands: &["set_link", "qom-list", "qom-get", "qom-set"] },
-    Interface {
-        daemon: "displayd",
-        name: "org.flotilla.Display1",
-        commands: &[
-            "query-mice",
-            "query-vnc",
-            "query-spice",
-            "set_password",
-            "expire_password",
-            "qom-list",
-            "qom-get",
-            "qom-set",
-        ],
-    },
-    Interface {
-        daemon: "balloond",
-        name: "org.flotilla.Balloon1",
-        commands: &["balloon", "query-balloon", "qom-list", "qom-get", "qom-set"],
-    },
-];
+impl Interface {
+    /// The object name of the daemon, from its interface name without the version:
+    /// `org.flotilla.VmmCore1` → `VmmCore`.
+    pub fn object_name(&self) -> &'static str {
+        self.name.rsplit('.').next().unwrap_or(self.name).trim_end_matches(|c: char| c.is_ascii_digit())
+    }
+}
 
 /// The interface of a daemon, by daemon name (`"vmm-core"`).
 pub fn interface(daemon: &str) -> Option<&'static Interface> {

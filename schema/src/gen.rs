@@ -57,6 +57,18 @@ const RUST_KEYWORDS: &[&str] = &[
     "try", "type", "typeof", "unsafe", "unsized", "use", "virtual", "where", "while", "yield",
 ];
 
+/// The Rust field name of `m` among `members`: snake case, and where two wire names fold to one
+/// (CpuInfo's `pc` and `PC`), the upper-case spelling gets `_upper`.
+fn field_name(members: &[Member], m: &Member) -> String {
+    let field = snake_case(&m.name);
+    let clashes = members.iter().any(|o| o.name != m.name && snake_case(&o.name) == field);
+    if clashes && m.name.chars().any(|c| c.is_ascii_uppercase()) {
+        format!("{}_upper", field.trim_end_matches('_'))
+    } else {
+        field
+    }
+}
+
 /// A member type after resolution: every name is known to be a builtin, struct or enum.
 #[derive(Debug, Clone, PartialEq)]
 enum Ty {
@@ -216,12 +228,7 @@ impl<'a> Gen<'a> {
                 }
                 other => self.resolve(other)?,
             };
-            let mut field = snake_case(&m.name);
-            let clashes = members.iter().any(|o| o.name != m.name && snake_case(&o.name) == field);
-            if clashes && m.name.chars().any(|c| c.is_ascii_uppercase()) {
-                // CpuInfo has both `pc` and `PC`: the upper-case spelling gets a suffix.
-                field = format!("{}_upper", field.trim_end_matches('_'));
-            }
+            let field = field_name(members, m);
             if !rust_names.insert(field.clone()) {
                 return Err(format!("{}: `{name}` has two members named `{field}` in Rust", m.pos));
             }
@@ -500,4 +507,243 @@ fn emit_enum(out: &mut String, name: &str, doc: Option<&str>, values: &[(String,
     let _ = writeln!(out, "        Self::ALL.into_iter().find(|v| v.as_str() == s).ok_or(())");
     let _ = writeln!(out, "    }}");
     let _ = writeln!(out, "}}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The zbus server glue (feature `dbus`)
+// ---------------------------------------------------------------------------------------------
+
+/// One D-Bus interface to generate glue for (from `dbus_interfaces.rs`).
+pub struct DbusInterface<'a> {
+    /// `org.flotilla.VmmCore1`
+    pub name: &'a str,
+    /// `vmm-core`
+    pub daemon: &'a str,
+    pub commands: &'a [&'a str],
+}
+
+/// `org.flotilla.VmmCore1` → `VmmCore1`: the stem of the generated handler trait and wrapper.
+pub fn dbus_stem(interface: &str) -> String {
+    interface.rsplit('.').next().unwrap_or(interface).to_string()
+}
+
+/// The Rust type a D-Bus argument or result of QAPI type `ty` has in a zbus method, per the
+/// mapping of `dbus.rs` (struct-shaped values are JSON text, enums their wire string).
+fn dbus_rust_type(ty: &Ty) -> String {
+    match ty {
+        Ty::Builtin(Builtin::Int8) => "i16".to_string(),
+        Ty::Builtin(Builtin::Any) | Ty::Struct(_) | Ty::Enum(_) => "String".to_string(),
+        Ty::Builtin(_) => rust_type(ty),
+        Ty::List(e) if is_json(e) => "String".to_string(),
+        Ty::List(e) => format!("Vec<{}>", dbus_rust_type(e)),
+    }
+}
+
+/// Whether a value of `ty` travels as JSON text.
+fn is_json(ty: &Ty) -> bool {
+    match ty {
+        Ty::Builtin(Builtin::Any) | Ty::Struct(_) => true,
+        Ty::List(e) => is_json(e),
+        _ => false,
+    }
+}
+
+/// The generated type's path for a schema type, from inside `dbus_server`.
+fn schema_rust_type(ty: &Ty) -> String {
+    match ty {
+        Ty::Struct(n) | Ty::Enum(n) => format!("crate::types::{n}"),
+        Ty::List(e) => format!("Vec<{}>", schema_rust_type(e)),
+        Ty::Builtin(_) => rust_type(ty),
+    }
+}
+
+/// An expression turning the D-Bus value `var` (of [`dbus_rust_type`]) into the Args field's
+/// type, as `Result<_, ArgError>`.
+fn unpack_expr(ty: &Ty, var: &str, wire: &str) -> String {
+    match ty {
+        Ty::Builtin(Builtin::Int8) => format!("unpack::narrow::<i16, i8>({var}, {wire:?}, \"int8\")"),
+        Ty::Builtin(Builtin::Any) => format!("unpack::json::<serde_json::Value>(&{var}, {wire:?}, \"any\")"),
+        Ty::Builtin(_) => format!("Ok::<_, ArgError>({var})"),
+        Ty::Enum(n) => format!("unpack::enumeration::<crate::types::{n}>({var}, {wire:?})"),
+        Ty::Struct(_) => format!("unpack::json::<{}>(&{var}, {wire:?}, \"object\")", schema_rust_type(ty)),
+        Ty::List(_) if is_json(ty) => {
+            format!("unpack::json::<{}>(&{var}, {wire:?}, \"array\")", schema_rust_type(ty))
+        }
+        Ty::List(e) if matches!(**e, Ty::Enum(_) | Ty::Builtin(Builtin::Int8)) => {
+            format!("{var}.into_iter().map(|e| {}).collect::<Result<Vec<_>, ArgError>>()", unpack_expr(e, "e", wire))
+        }
+        Ty::List(_) => format!("Ok::<_, ArgError>({var})"),
+    }
+}
+
+/// An expression turning the handler's result `var` into the D-Bus value, as
+/// `Result<_, QmpDbusError>`.
+fn pack_expr(ty: &Ty, var: &str) -> String {
+    match ty {
+        _ if is_json(ty) => format!("pack::json(&{var})"),
+        Ty::Builtin(Builtin::Int8) => format!("Ok(i16::from({var}))"),
+        Ty::Enum(_) => format!("Ok({var}.as_str().to_string())"),
+        Ty::List(e) if matches!(**e, Ty::Enum(_) | Ty::Builtin(Builtin::Int8)) => {
+            format!("{var}.into_iter().map(|e| {}).collect::<Result<Vec<_>, QmpDbusError>>()", pack_expr(e, "e"))
+        }
+        _ => format!("Ok({var})"),
+    }
+}
+
+/// Generates `dbus_server.rs`: per interface a handler trait (`VmmCore1Handler`) and a zbus
+/// interface wrapper generic over it (`VmmCore1<H>`), plus `INTERFACE_STEMS`.
+pub fn generate_dbus_server(schema: &Schema, interfaces: &[DbusInterface<'_>]) -> Result<String, String> {
+    let g = Gen { schema, structs: Vec::new(), taken: HashSet::new() };
+    let mut o = header("dbus_server");
+    for iface in interfaces {
+        let stem = dbus_stem(iface.name);
+        let handler = format!("{stem}Handler");
+        let mut cmds = Vec::new();
+        for name in iface.commands {
+            let c = schema
+                .commands()
+                .find(|c| c.name == *name)
+                .ok_or_else(|| format!("interface {} names unknown command {name}", iface.name))?;
+            cmds.push(c);
+        }
+
+        // The handler trait.
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "/// What a `{}` daemon implements for `{}`: one method per command, taking the",
+            iface.daemon, iface.name
+        );
+        let _ =
+            writeln!(o, "/// command's generated argument struct and answering its generated return type (`()` for");
+        let _ =
+            writeln!(o, "/// `{{}}`) or a [`QmpError`]. Every method has a default that answers CommandNotFound; the");
+        let _ =
+            writeln!(o, "/// daemon overrides what it implements and names those commands to [`Exported::new`], which");
+        let _ = writeln!(o, "/// hides the others from callers and from introspection.");
+        let _ = writeln!(o, "pub trait {handler}: Send + Sync + 'static {{");
+        for c in &cmds {
+            let method = snake_case(&c.name);
+            let ret = match &c.returns {
+                Some(r) => schema_rust_type(&g.resolve(r)?),
+                None => "()".to_string(),
+            };
+            let _ = writeln!(o, "    /// `{}`", c.name);
+            if c.data.is_some() {
+                let args = format!("crate::commands::{}Args", camel_case(&c.name));
+                let _ = writeln!(
+                    o,
+                    "    fn {method}(&self, args: {args}) -> impl Future<Output = Result<{ret}, QmpError>> + Send {{"
+                );
+                let _ = writeln!(o, "        let _ = args;");
+            } else {
+                let _ =
+                    writeln!(o, "    fn {method}(&self) -> impl Future<Output = Result<{ret}, QmpError>> + Send {{");
+            }
+            let _ = writeln!(o, "        std::future::ready(Err(not_implemented({:?})))", c.name);
+            let _ = writeln!(o, "    }}");
+        }
+        let _ = writeln!(o, "}}");
+
+        // The wrapper.
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "/// `{}` on the bus, every method of it, each unpacking its D-Bus arguments into the",
+            iface.name
+        );
+        let _ = writeln!(o, "/// command's argument struct, calling [`{handler}`] and packing the result. Serve it");
+        let _ = writeln!(o, "/// wrapped in [`Exported`], which exports only the commands the daemon implements.");
+        let _ = writeln!(o, "pub struct {stem}<H> {{");
+        let _ = writeln!(o, "    handler: Arc<H>,");
+        let _ = writeln!(o, "}}");
+        let _ = writeln!(o);
+        let _ = writeln!(o, "impl<H: {handler}> {stem}<H> {{");
+        let _ = writeln!(o, "    pub fn new(handler: Arc<H>) -> Self {{");
+        let _ = writeln!(o, "        {stem} {{ handler }}");
+        let _ = writeln!(o, "    }}");
+        let _ = writeln!(o);
+        let _ = writeln!(o, "    pub fn handler(&self) -> &Arc<H> {{");
+        let _ = writeln!(o, "        &self.handler");
+        let _ = writeln!(o, "    }}");
+        let _ = writeln!(o, "}}");
+        let _ = writeln!(o);
+        let _ = writeln!(o, "impl<H: {handler}> GeneratedInterface for {stem}<H> {{");
+        let _ = writeln!(o, "    const DAEMON: &'static str = {:?};", iface.daemon);
+        let _ = writeln!(o, "}}");
+        let _ = writeln!(o);
+        let _ = writeln!(o, "#[zbus::interface(name = {:?})]", iface.name);
+        let _ = writeln!(o, "impl<H: {handler}> {stem}<H> {{");
+        for c in &cmds {
+            let method = snake_case(&c.name);
+            let dbus_name = camel_case(&c.name);
+            let mut params = Vec::new();
+            let mut fields = Vec::new();
+            if let Some(data) = &c.data {
+                for m in data {
+                    let ty = g.resolve(&m.ty)?;
+                    let field = field_name(data, m);
+                    let mut dty = dbus_rust_type(&ty);
+                    // A value that needs no conversion is moved as it is.
+                    let identity = |var: &str| format!("Ok::<_, ArgError>({var})");
+                    let field_init = if m.optional {
+                        dty = format!("Vec<{dty}>");
+                        let convert = unpack_expr(&ty, "v", &m.name);
+                        let convert =
+                            if convert == identity("v") { "Ok".to_string() } else { format!("|v| {convert}") };
+                        format!("{field}: unpack::optional({field}, {:?}, {convert})?", m.name)
+                    } else {
+                        let convert = unpack_expr(&ty, &field, &m.name);
+                        if convert == identity(&field) {
+                            field.clone()
+                        } else {
+                            format!("{field}: {convert}?")
+                        }
+                    };
+                    params.push(format!("{field}: {dty}"));
+                    fields.push(field_init);
+                }
+            }
+            let returns = match &c.returns {
+                Some(r) => Some(g.resolve(r)?),
+                None => None,
+            };
+            match &returns {
+                Some(_) => {
+                    let _ = writeln!(o, "    #[zbus(name = {dbus_name:?}, out_args(\"result\"))]");
+                }
+                None => {
+                    let _ = writeln!(o, "    #[zbus(name = {dbus_name:?})]");
+                }
+            }
+            let out = returns.as_ref().map_or("()".to_string(), dbus_rust_type);
+            let mut sig = vec!["&self".to_string()];
+            sig.extend(params);
+            let _ = writeln!(o, "    async fn {method}({}) -> Result<{out}, QmpDbusError> {{", sig.join(", "));
+            let call = if c.data.is_some() {
+                let args = format!("crate::commands::{}Args", camel_case(&c.name));
+                let _ = writeln!(o, "        let args = {args} {{");
+                for f in &fields {
+                    let _ = writeln!(o, "            {f},");
+                }
+                let _ = writeln!(o, "        }};");
+                format!("self.handler.{method}(args).await?")
+            } else {
+                format!("self.handler.{method}().await?")
+            };
+            match &returns {
+                Some(ty) => {
+                    let _ = writeln!(o, "        let result = {call};");
+                    let _ = writeln!(o, "        {}", pack_expr(ty, "result"));
+                }
+                None => {
+                    let _ = writeln!(o, "        {call};");
+                    let _ = writeln!(o, "        Ok(())");
+                }
+            }
+            let _ = writeln!(o, "    }}");
+        }
+        let _ = writeln!(o, "}}");
+    }
+    Ok(o)
 }

@@ -10,10 +10,14 @@
 //!   [`table::ENUMS`].
 //! * [`check`] — the argument checker, answering with QEMU's error classes and texts.
 //! * [`dbus`] — D-Bus method names, signatures and introspection XML per daemon interface.
+//! * `dbus_server` (feature `dbus`) — the zbus server glue generated from the schema: a handler
+//!   trait and an interface wrapper per daemon interface, the `QmpEvent` signal.
 
 pub mod check;
 pub mod commands;
 pub mod dbus;
+#[cfg(feature = "dbus")]
+pub mod dbus_server;
 pub mod parse;
 pub mod table;
 pub mod types;
