@@ -6,6 +6,7 @@ pub mod acpi;
 pub mod boot;
 pub mod chardev;
 pub mod cpuid;
+pub mod dbus;
 pub mod devices;
 pub mod irq;
 pub mod layout;
@@ -15,5 +16,5 @@ pub mod runstate;
 pub mod vcpu;
 pub mod vm;
 
-pub use runstate::{RunState, VmEvent, VmEventKind};
+pub use runstate::{EventReason, RunState, VmEvent, VmEventKind};
 pub use vm::{ExitReason, Vm, VmError};

@@ -1,31 +1,62 @@
-//! The vmm-core process: `vmm-core --config-json '<MachineConfig as JSON>'`, as started by the
-//! `flotilla` launcher. Runs the machine until the guest powers off, `quit`, or SIGTERM/SIGINT.
+//! The vmm-core process: `vmm-core --config-json '<MachineConfig as JSON>' [--dbus-address ADDR
+//! --instance NAME]`, as started by the `flotilla` launcher. Runs the machine until the guest
+//! powers off, `quit`, or SIGTERM/SIGINT/SIGHUP. With `--dbus-address` it serves
+//! `org.flotilla.VmmCore1` as `org.flotilla.<NAME>.VmmCore` on that bus (see `dbus.rs`). With
+//! `--ready-fd FD` it writes `ready\n` to that (inherited) file descriptor and closes it once the
+//! machine is built and, with D-Bus, its bus name is owned: the launcher starts the QMP gateway
+//! then.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use vm_config::MachineConfig;
-use vmm_core::{ExitReason, Vm};
+use vmm_core::dbus::DbusServer;
+use vmm_core::{EventReason, ExitReason, Vm};
+
+/// How long the D-Bus side may take to send its last events and replies at exit.
+const DBUS_SHUTDOWN: Duration = Duration::from_secs(3);
 
 fn usage() -> &'static str {
-    "usage: vmm-core --config-json JSON\n       (normally started by the flotilla launcher)"
+    "usage: vmm-core --config-json JSON [--dbus-address ADDRESS --instance NAME] [--ready-fd FD]\n       \
+     (normally started by the flotilla launcher)"
 }
 
-fn parse_args() -> Result<MachineConfig, String> {
+struct Args {
+    cfg: MachineConfig,
+    /// (bus address, instance name)
+    dbus: Option<(String, String)>,
+    /// An inherited fd to report readiness on.
+    ready_fd: Option<i32>,
+}
+
+fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let mut cfg = None;
+    let (mut address, mut instance, mut ready_fd) = (None, None, None);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--config-json" => {
                 let json = args.next().ok_or("--config-json needs a value")?;
                 cfg = Some(MachineConfig::from_json(&json).map_err(|e| e.to_string())?);
             }
+            "--dbus-address" => address = Some(args.next().ok_or("--dbus-address needs a value")?),
+            "--instance" => instance = Some(args.next().ok_or("--instance needs a value")?),
+            "--ready-fd" => {
+                let fd = args.next().ok_or("--ready-fd needs a value")?;
+                ready_fd = Some(fd.parse().ok().filter(|&n: &i32| n > 2).ok_or("--ready-fd needs a descriptor above 2")?);
+            }
             "-h" | "--help" => return Err(usage().to_string()),
             other => return Err(format!("unknown argument '{other}'\n{}", usage())),
         }
     }
-    cfg.ok_or_else(|| usage().to_string())
+    let cfg = cfg.ok_or_else(|| usage().to_string())?;
+    let dbus = match (address, instance) {
+        (Some(a), Some(i)) => Some((a, i)),
+        (None, None) => None,
+        _ => return Err(format!("--dbus-address and --instance go together\n{}", usage())),
+    };
+    Ok(Args { cfg, dbus, ready_fd })
 }
 
 fn main() -> ExitCode {
@@ -36,20 +67,33 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cfg = match parse_args() {
-        Ok(c) => c,
+    let args = match parse_args() {
+        Ok(a) => a,
         Err(e) => {
             eprintln!("vmm-core: {e}");
             return ExitCode::from(1);
         }
     };
-    let vm = match Vm::new(cfg) {
+    let vm = match Vm::new(args.cfg) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("vmm-core: {e}");
             return ExitCode::from(1);
         }
     };
+    let bus = match &args.dbus {
+        None => None,
+        Some((address, instance)) => match DbusServer::start(vm.clone(), address, instance) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("vmm-core: {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    if let Some(fd) = args.ready_fd {
+        report_ready(fd);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         if let Err(e) = register_flag(sig, stop.clone()) {
@@ -59,6 +103,9 @@ fn main() -> ExitCode {
     loop {
         if let Some(reason) = vm.wait_timeout(Duration::from_millis(100)) {
             tracing::info!(?reason, "machine ended");
+            if let Some(bus) = bus {
+                bus.shutdown(DBUS_SHUTDOWN);
+            }
             return match reason {
                 ExitReason::Quit | ExitReason::GuestPoweroff | ExitReason::GuestReset => ExitCode::SUCCESS,
             };
@@ -66,8 +113,20 @@ fn main() -> ExitCode {
         if stop.load(Ordering::SeqCst) {
             // QEMU: "terminating on signal", then a host-initiated shutdown.
             eprintln!("vmm-core: terminating on signal");
-            vm.quit();
+            vm.quit_because(EventReason::HostSignal);
         }
+    }
+}
+
+/// Writes `ready\n` to the launcher's pipe and closes it.
+fn report_ready(fd: i32) {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    // SAFETY: the launcher passed this descriptor for us alone; nothing else in this process
+    // uses or closes it, so taking ownership (and closing it on drop) is sound.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    if let Err(e) = f.write_all(b"ready\n") {
+        tracing::warn!("cannot report readiness on fd {fd}: {e}");
     }
 }
 

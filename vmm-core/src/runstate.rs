@@ -71,16 +71,51 @@ impl VmEventKind {
     }
 }
 
+/// Why the machine reset or shut down: QEMU 7.2's `reason` of the RESET and SHUTDOWN events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventReason {
+    /// `quit` from the monitor.
+    HostQmpQuit,
+    /// `system_reset` from the monitor.
+    HostQmpSystemReset,
+    /// SIGTERM, SIGINT or SIGHUP to the process.
+    HostSignal,
+    /// The guest powered off (ACPI S5).
+    GuestShutdown,
+    /// The guest reset (reset register, keyboard controller, triple fault).
+    GuestReset,
+}
+
+impl EventReason {
+    /// The value as QEMU spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventReason::HostQmpQuit => "host-qmp-quit",
+            EventReason::HostQmpSystemReset => "host-qmp-system-reset",
+            EventReason::HostSignal => "host-signal",
+            EventReason::GuestShutdown => "guest-shutdown",
+            EventReason::GuestReset => "guest-reset",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmEvent {
     pub kind: VmEventKind,
+    /// For RESET and SHUTDOWN: why (QEMU 7.2's `reason`); `None` for the other events.
+    pub reason: Option<EventReason>,
     pub timestamp: SystemTime,
 }
 
-/// Fan-out of events to every subscriber; a subscriber that went away is dropped.
+/// A subscriber called synchronously, in the emitting thread, while the machine's state lock
+/// is held: it must only queue the event and return.
+pub type EventCallback = Box<dyn Fn(&VmEvent) + Send>;
+
+/// Fan-out of events to every subscriber; a channel subscriber that went away is dropped.
 #[derive(Default)]
 pub struct EventHub {
     subscribers: Mutex<Vec<Sender<VmEvent>>>,
+    callbacks: Mutex<Vec<EventCallback>>,
 }
 
 impl EventHub {
@@ -90,9 +125,22 @@ impl EventHub {
         rx
     }
 
+    /// Calls `f` with every event from now on, before the state change that caused it returns
+    /// to its caller (so a monitor can send the event ahead of the command's reply).
+    pub fn subscribe_fn(&self, f: EventCallback) {
+        crate::devices::bus::lock(&self.callbacks).push(f);
+    }
+
     pub fn emit(&self, kind: VmEventKind) {
-        tracing::info!(event = kind.name(), ?kind, "vm event");
-        let ev = VmEvent { kind, timestamp: SystemTime::now() };
+        self.emit_with(kind, None)
+    }
+
+    pub fn emit_with(&self, kind: VmEventKind, reason: Option<EventReason>) {
+        tracing::info!(event = kind.name(), ?kind, ?reason, "vm event");
+        let ev = VmEvent { kind, reason, timestamp: SystemTime::now() };
+        for f in crate::devices::bus::lock(&self.callbacks).iter() {
+            f(&ev);
+        }
         crate::devices::bus::lock(&self.subscribers).retain(|s| s.send(ev.clone()).is_ok());
     }
 }
@@ -128,5 +176,19 @@ mod tests {
         hub.emit(VmEventKind::Stop);
         assert_eq!(rx.recv().expect("event").kind, VmEventKind::Stop);
         assert_eq!(hub.subscribers.lock().expect("lock").len(), 1);
+    }
+
+    #[test]
+    fn callbacks_see_events_with_their_reason() {
+        let hub = EventHub::default();
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        hub.subscribe_fn(Box::new(move |e| s.lock().expect("lock").push((e.kind.clone(), e.reason))));
+        hub.emit_with(VmEventKind::Shutdown { guest: false }, Some(EventReason::HostSignal));
+        hub.emit(VmEventKind::Resume);
+        let seen = seen.lock().expect("lock").clone();
+        let want = [(VmEventKind::Shutdown { guest: false }, Some(EventReason::HostSignal)), (VmEventKind::Resume, None)];
+        assert_eq!(seen, want);
+        assert_eq!(EventReason::HostQmpSystemReset.as_str(), "host-qmp-system-reset");
     }
 }

@@ -16,7 +16,7 @@ use crate::devices::{ActionSink, GuestAction, IrqLevel};
 use crate::irq::{IrqError, IrqRouter, SharedIrqRouter};
 use crate::layout;
 use crate::memory::{GuestRam, MemoryError};
-use crate::runstate::{EventHub, RunState, VmEvent, VmEventKind};
+use crate::runstate::{EventCallback, EventHub, EventReason, RunState, VmEvent, VmEventKind};
 use crate::vcpu::{ControlMsg, VcpuContext, VcpuError, VcpuHandle, VcpuInfo};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -283,6 +283,12 @@ impl Vm {
         self.inner.events.subscribe()
     }
 
+    /// Calls `f` with every event, synchronously (see [`EventHub::subscribe_fn`]): an event is
+    /// queued before the command that caused it returns.
+    pub fn subscribe_fn(&self, f: EventCallback) {
+        self.inner.events.subscribe_fn(f)
+    }
+
     /// (status, running) as query-status reports them.
     pub fn status(&self) -> (RunState, bool) {
         let run = lock(&self.inner.state).run;
@@ -325,7 +331,13 @@ impl Vm {
 
     /// `quit`.
     pub fn quit(&self) {
-        self.inner.finish(ExitReason::Quit, VmEventKind::Shutdown { guest: false });
+        self.quit_because(EventReason::HostQmpQuit);
+    }
+
+    /// Ends the machine as `quit` does, giving the SHUTDOWN event's reason (`HostSignal` for a
+    /// termination signal).
+    pub fn quit_because(&self, reason: EventReason) {
+        self.inner.finish(ExitReason::Quit, VmEventKind::Shutdown { guest: false }, reason);
     }
 
     /// `inject-nmi`: an NMI to every vCPU.
@@ -534,7 +546,8 @@ impl VmInner {
         self.pause_all()?;
         self.load_and_reset_cpus()?;
         st.fault = None;
-        self.events.emit(VmEventKind::Reset { guest });
+        let reason = if guest { EventReason::GuestReset } else { EventReason::HostQmpSystemReset };
+        self.events.emit_with(VmEventKind::Reset { guest }, Some(reason));
         if st.run == RunState::Running {
             for v in &self.vcpus {
                 v.resume()?;
@@ -547,12 +560,12 @@ impl VmInner {
         Ok(())
     }
 
-    fn finish(&self, reason: ExitReason, event: VmEventKind) {
+    fn finish(&self, reason: ExitReason, event: VmEventKind, why: EventReason) {
         let mut st = lock(&self.state);
         if st.exit.is_some() {
             return;
         }
-        self.events.emit(event);
+        self.events.emit_with(event, Some(why));
         if let Err(e) = self.pause_all() {
             tracing::warn!(error = %e, "stopping vCPUs at exit");
         }
@@ -566,7 +579,7 @@ impl VmInner {
             if st.exit.is_some() {
                 return;
             }
-            self.events.emit(VmEventKind::Shutdown { guest: true });
+            self.events.emit_with(VmEventKind::Shutdown { guest: true }, Some(EventReason::GuestShutdown));
             if let Err(e) = self.pause_all() {
                 tracing::warn!(error = %e, "stopping vCPUs");
             }
@@ -575,13 +588,14 @@ impl VmInner {
             }
             st.run = RunState::Shutdown;
         } else {
-            self.finish(ExitReason::GuestPoweroff, VmEventKind::Shutdown { guest: true });
+            let event = VmEventKind::Shutdown { guest: true };
+            self.finish(ExitReason::GuestPoweroff, event, EventReason::GuestShutdown);
         }
     }
 
     fn guest_reset(&self) {
         if self.cfg.no_reboot {
-            self.finish(ExitReason::GuestReset, VmEventKind::Shutdown { guest: true });
+            self.finish(ExitReason::GuestReset, VmEventKind::Shutdown { guest: true }, EventReason::GuestReset);
         } else if let Err(e) = self.reset(true) {
             tracing::error!(error = %e, "guest reset failed");
             self.internal_error(0, format!("reset failed: {e}"));
