@@ -28,6 +28,35 @@ pub struct LaunchOptions {
     pub pidfile: Option<PathBuf>,
     /// `-daemonize`: detach once vmm-core has started.
     pub daemonize: bool,
+    /// `-qmp`: the QMP sockets the gateway serves, in order (none: no gateway).
+    pub qmp: Vec<QmpSocket>,
+}
+
+/// One `-qmp` listening socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QmpSocket {
+    /// `unix:PATH,server,nowait`
+    Unix { path: PathBuf },
+    /// `tcp:HOST:PORT,server,nowait`; HOST is the loopback address when the user gave none.
+    Tcp { host: String, port: u16 },
+}
+
+/// The address a `tcp:` socket listens on when its host part is empty (QEMU would take every
+/// address; the gateway stays on the loopback unless the user names another).
+pub const QMP_DEFAULT_HOST: &str = "127.0.0.1";
+
+impl QmpSocket {
+    /// The socket as the gateway's `--qmp` argument: a QEMU chardev spelling it accepts,
+    /// `unix:PATH,server=on,wait=off` (a comma in PATH doubled, as QEMU escapes it) or
+    /// `tcp:HOST:PORT,server=on,wait=off` with the host filled in.
+    pub fn gateway_spec(&self) -> String {
+        match self {
+            QmpSocket::Unix { path } => {
+                format!("unix:{},server=on,wait=off", path.display().to_string().replace(',', ",,"))
+            }
+            QmpSocket::Tcp { host, port } => format!("tcp:{host}:{port},server=on,wait=off"),
+        }
+    }
 }
 
 /// The outcome of parsing a command line.
@@ -142,7 +171,11 @@ pub static OPTIONS: &[OptSpec] = &[
     spec("nodefaults", Flag(|s| set_flag(&mut s.nodefaults)), "no default devices (no COM1 unless -serial)"),
     spec("no-user-config", Flag(|_| Ok(())), "accepted; Flotilla reads no configuration files"),
     // Later Flotilla issues implement these; until then they are refused, never ignored.
-    spec("qmp", NotYet, ""),
+    spec(
+        "qmp",
+        Value("unix:PATH,server,nowait|tcp:[HOST]:PORT,server,nowait", opt_qmp),
+        "QMP monitor socket (repeatable)",
+    ),
     spec("qmp-pretty", NotYet, ""),
     spec("monitor", NotYet, ""),
     spec("mon", NotYet, ""),
@@ -238,6 +271,7 @@ pub struct State {
     nodefaults: bool,
     pidfile: Option<PathBuf>,
     daemonize: bool,
+    qmp: Vec<QmpSocket>,
     machine_help: bool,
     accel_help: bool,
 }
@@ -449,6 +483,75 @@ fn parse_unix_serial(rest: &str) -> Result<Serial, ValueError> {
     Ok(Serial::Backend(ChardevBackend::UnixServer { path: path.into(), wait }))
 }
 
+const QMP_FORMS: &str = "flotilla supports -qmp unix:PATH,server=on,wait=off and tcp:[HOST]:PORT,server=on,wait=off";
+
+/// `-qmp`: a listening socket without waiting for a client (the gateway serves it).
+fn parse_qmp(v: &str) -> Result<QmpSocket, ValueError> {
+    let (kind, rest) = match v.split_once(':') {
+        Some((k @ ("unix" | "tcp"), rest)) => (k, rest),
+        _ => {
+            let driver = v.split([':', ',']).next().unwrap_or(v);
+            return Err(ValueError::with_hint(
+                format!("character backend '{driver}' is not supported for -qmp by flotilla"),
+                QMP_FORMS,
+            ));
+        }
+    };
+    let implied = if kind == "unix" { "path" } else { "host" };
+    let mut target = None;
+    let mut server = false;
+    let mut wait = true;
+    for (k, val) in parse_keyvals(rest, Some(implied)) {
+        match k.as_str() {
+            "path" if kind == "unix" => target = Some(val),
+            "host" if kind == "tcp" => target = Some(val),
+            "server" => server = parse_bool(&k, &val)?,
+            "wait" => wait = parse_bool(&k, &val)?,
+            "telnet" | "tn3270" | "websocket" | "reconnect" | "reconnect-ms" | "abstract" | "tight" | "mux"
+            | "logfile" | "logappend" | "ipv4" | "ipv6" | "nodelay" | "to" | "tls-creds" | "tls-authz" => {
+                return Err(ValueError::new(format!("socket option '{k}' is not supported for -qmp by flotilla")))
+            }
+            _ => return Err(invalid_parameter(&k)),
+        }
+    }
+    if !server {
+        return Err(ValueError::with_hint("-qmp client sockets are not supported by flotilla", QMP_FORMS));
+    }
+    if wait {
+        return Err(ValueError::with_hint(
+            "-qmp sockets that wait for a client before the VM starts are not supported by flotilla",
+            "add ',wait=off' (or ',nowait')",
+        ));
+    }
+    let target = target.unwrap_or_default();
+    if kind == "unix" {
+        if target.is_empty() {
+            return Err(ValueError::new("unix: needs a socket path"));
+        }
+        return Ok(QmpSocket::Unix { path: target.into() });
+    }
+    // tcp:[HOST]:PORT, HOST possibly a bracketed IPv6 address.
+    let (host, port) = target
+        .rsplit_once(':')
+        .ok_or_else(|| ValueError::new(format!("host and/or port not specified in '{target}'")))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| ValueError::new(format!("tcp: port '{port}' is not a number between 1 and 65535")))?;
+    let host = if host.is_empty() { QMP_DEFAULT_HOST.to_string() } else { host.to_string() };
+    Ok(QmpSocket::Tcp { host, port })
+}
+
+fn opt_qmp(s: &mut State, v: &str) -> Result<(), ValueError> {
+    let sock = parse_qmp(v)?;
+    if s.qmp.contains(&sock) {
+        return Err(ValueError::new("the same QMP socket is given twice"));
+    }
+    s.qmp.push(sock);
+    Ok(())
+}
+
 fn opt_serial(s: &mut State, v: &str) -> Result<(), ValueError> {
     if s.serial.is_some() {
         return Err(ValueError::new("flotilla supports one serial port (COM1); -serial given twice"));
@@ -611,7 +714,12 @@ fn finish(mut st: State) -> Result<Action, CliError> {
     }
     st.cfg.serial = backend.map(|backend| ChardevConfig { id: "serial0".into(), backend });
 
-    Ok(Action::Run(Box::new(LaunchOptions { machine: st.cfg, pidfile: st.pidfile, daemonize: st.daemonize })))
+    Ok(Action::Run(Box::new(LaunchOptions {
+        machine: st.cfg,
+        pidfile: st.pidfile,
+        daemonize: st.daemonize,
+        qmp: st.qmp,
+    })))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -647,7 +755,8 @@ pub fn help_text() -> String {
         OPTIONS.iter().filter(|o| matches!(o.handler, NotYet)).map(|o| format!("-{}", o.name)).collect();
     s.push_str(&format!("\nNot supported yet: {}\n", not_yet.join(" ")));
     s.push_str(
-        "\nvmm-core is started from the directory of this executable, or from $FLOTILLA_VMM_CORE.\n\
+        "\nvmm-core and qmp-gateway are started from the directory of this executable, or from\n\
+         $FLOTILLA_VMM_CORE and $FLOTILLA_QMP_GATEWAY; dbus-daemon from $FLOTILLA_DBUS_DAEMON or PATH.\n\
          Logging: RUST_LOG (e.g. RUST_LOG=debug).\n",
     );
     s
@@ -1028,7 +1137,8 @@ mod tests {
         for o in ["-m [size=]megs", "-smp", "-serial dev", "-nographic", "-daemonize", "-pidfile file"] {
             assert!(h.contains(o), "help lacks {o}");
         }
-        assert!(h.contains("Not supported yet: -qmp"));
+        assert!(h.contains("Not supported yet: -qmp-pretty -monitor -mon"));
+        assert!(h.contains("-qmp unix:PATH,server,nowait|tcp:[HOST]:PORT,server,nowait"));
         assert!(version_text().starts_with("QEMU emulator version 1.1.0 (flotilla-"));
         assert!(machine_help_text().contains("q35"));
     }
@@ -1049,14 +1159,73 @@ mod tests {
 
     #[test]
     fn later_options_are_refused_not_ignored() {
-        for o in ["qmp", "drive", "device", "chardev", "netdev", "vnc", "balloon", "monitor", "blockdev"] {
+        for o in ["qmp-pretty", "drive", "device", "chardev", "netdev", "vnc", "balloon", "monitor", "mon", "blockdev"]
+        {
             for dashes in ["-", "--"] {
                 let e = parse([format!("{dashes}{o}"), "x".to_string()]).expect_err(o);
                 assert_eq!(e.to_string(), format!("{dashes}{o}: option not supported yet"));
             }
         }
         // Even after valid options, and even without an argument.
-        assert_eq!(err(&["-m", "1G", "-qmp"]), "-qmp: option not supported yet");
+        assert_eq!(err(&["-m", "1G", "-monitor"]), "-monitor: option not supported yet");
+    }
+
+    #[test]
+    fn qmp_spellings() {
+        let unix = |p: &str| QmpSocket::Unix { path: p.into() };
+        let tcp = |h: &str, port| QmpSocket::Tcp { host: h.into(), port };
+        assert_eq!(run(&["-qmp", "unix:/tmp/q.sock,server,nowait"]).qmp, [unix("/tmp/q.sock")]);
+        assert_eq!(run(&["-qmp", "unix:/tmp/q.sock,server=on,wait=off"]).qmp, [unix("/tmp/q.sock")]);
+        assert_eq!(run(&["--qmp", "unix:path=/tmp/q,server=on,wait=off"]).qmp, [unix("/tmp/q")]);
+        assert_eq!(run(&["-qmp", "unix:/tmp/a,,b,server,nowait"]).qmp, [unix("/tmp/a,b")]);
+        assert_eq!(run(&["-qmp", "tcp:localhost:4444,server,nowait"]).qmp, [tcp("localhost", 4444)]);
+        assert_eq!(run(&["-qmp", "tcp::4444,server=on,wait=off"]).qmp, [tcp("127.0.0.1", 4444)], "loopback by default");
+        assert_eq!(run(&["-qmp", "tcp:0.0.0.0:4444,server,nowait"]).qmp, [tcp("0.0.0.0", 4444)]);
+        assert_eq!(run(&["-qmp", "tcp:[::1]:4444,server,nowait"]).qmp, [tcp("[::1]", 4444)]);
+        let two = run(&["-qmp", "unix:/tmp/a,server,nowait", "-qmp", "tcp::5555,server,nowait"]).qmp;
+        assert_eq!(two, [unix("/tmp/a"), tcp("127.0.0.1", 5555)]);
+        assert!(run(&[]).qmp.is_empty());
+        // What the gateway is given.
+        assert_eq!(unix("/tmp/a,b").gateway_spec(), "unix:/tmp/a,,b,server=on,wait=off");
+        assert_eq!(tcp("127.0.0.1", 4444).gateway_spec(), "tcp:127.0.0.1:4444,server=on,wait=off");
+    }
+
+    #[test]
+    fn qmp_errors() {
+        assert_eq!(
+            err(&["-qmp", "unix:/tmp/q,server"]),
+            "-qmp unix:/tmp/q,server: -qmp sockets that wait for a client before the VM starts are not supported by flotilla\nadd ',wait=off' (or ',nowait')"
+        );
+        assert_eq!(
+            err(&["-qmp", "unix:/tmp/q"]),
+            format!("-qmp unix:/tmp/q: -qmp client sockets are not supported by flotilla\n{QMP_FORMS}")
+        );
+        assert_eq!(
+            err(&["-qmp", "stdio"]),
+            format!("-qmp stdio: character backend 'stdio' is not supported for -qmp by flotilla\n{QMP_FORMS}")
+        );
+        assert_eq!(err(&["-qmp", "unix:,server,nowait"]), "-qmp unix:,server,nowait: unix: needs a socket path");
+        assert_eq!(
+            err(&["-qmp", "unix:/q,server,nowait,bogus=1"]),
+            "-qmp unix:/q,server,nowait,bogus=1: Invalid parameter 'bogus'"
+        );
+        assert_eq!(
+            err(&["-qmp", "tcp:4444,server,nowait"]),
+            "-qmp tcp:4444,server,nowait: host and/or port not specified in '4444'"
+        );
+        assert_eq!(
+            err(&["-qmp", "tcp::http,server,nowait"]),
+            "-qmp tcp::http,server,nowait: tcp: port 'http' is not a number between 1 and 65535"
+        );
+        assert_eq!(
+            err(&["-qmp", "tcp::4444,server,nowait,telnet"]),
+            "-qmp tcp::4444,server,nowait,telnet: socket option 'telnet' is not supported for -qmp by flotilla"
+        );
+        assert_eq!(
+            err(&["-qmp", "unix:/q,server,nowait", "-qmp", "unix:/q,server=on,wait=off"]),
+            "-qmp unix:/q,server=on,wait=off: the same QMP socket is given twice"
+        );
+        assert_eq!(err(&["-qmp"]), "-qmp: requires an argument");
     }
 
     #[test]
@@ -1105,7 +1274,9 @@ mod tests {
             no_shutdown: true,
             no_reboot: false,
         };
-        assert_eq!(o, LaunchOptions { machine: expected, pidfile: Some("/run/f.pid".into()), daemonize: true });
+        let want =
+            LaunchOptions { machine: expected, pidfile: Some("/run/f.pid".into()), daemonize: true, qmp: Vec::new() };
+        assert_eq!(o, want);
         // The JSON handed to vmm-core round-trips.
         assert_eq!(MachineConfig::from_json(&o.machine.to_json()).expect("json"), o.machine);
     }

@@ -1,7 +1,9 @@
 //! `flotilla`: the launcher. Takes qemu-system-x86_64's options, builds the machine description
-//! and runs vmm-core with it (`vmm-core --config-json '<json>'`), supervising it like a QEMU
-//! process: signals, exit status, -pidfile, -daemonize.
+//! and runs the VM's processes (a private dbus-daemon, `vmm-core --config-json '<json>'`, and
+//! with `-qmp` the `qmp-gateway`), supervising them like a QEMU process: signals, exit status,
+//! -pidfile, -daemonize.
 
+mod bus;
 mod cli;
 mod qemu_opts;
 mod supervise;

@@ -1,7 +1,19 @@
-//! Runs vmm-core as a child (`vmm-core --config-json '<json>'`) and supervises it the way a
-//! QEMU process behaves to its caller: SIGTERM/SIGINT/SIGHUP reach the VM, the launcher exits
-//! with the VM's exit status, `-pidfile` holds the launcher's pid while it runs, and
-//! `-daemonize` returns to the caller once the VM has started.
+//! Runs one VM instance's processes and supervises them the way a QEMU process behaves to its
+//! caller: SIGTERM/SIGINT/SIGHUP reach the VM, the launcher exits with the VM's exit status,
+//! `-pidfile` holds the launcher's pid while it runs, and `-daemonize` returns to the caller
+//! once the VM has started.
+//!
+//! The processes, in start order:
+//! 1. a private `dbus-daemon` in the instance's runtime directory (`bus.rs`);
+//! 2. `vmm-core --config-json '<json>' --dbus-address ADDR --instance NAME --ready-fd FD`, which
+//!    says `ready` on FD once the machine is built and its bus name owned;
+//! 3. with `-qmp`, then: `qmp-gateway --dbus-address ADDR --instance NAME --qmp SPEC...` (one
+//!    `--qmp` per socket, see `QmpSocket::gateway_spec`). A gateway that exits is started again
+//!    after a delay that doubles from 100 ms up to 5 s (back to 100 ms after a run of 10 s).
+//!
+//! The instance NAME is `-name`, else `vm<launcher pid>`. When vmm-core exits (guest power-off,
+//! `quit`, a signal) the gateway and the bus are terminated (SIGTERM, SIGKILL after 2 s), the
+//! QMP unix sockets and the runtime directory removed, and the launcher exits like vmm-core.
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
@@ -17,10 +29,17 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::termios::{self, SetArg, Termios};
 use nix::unistd::{fork, setsid, ForkResult, Pid};
 
-use crate::cli::LaunchOptions;
+use crate::bus::{BusError, Managed, PrivateBus, RuntimeDir, TERM_GRACE};
+use crate::cli::{LaunchOptions, QmpSocket};
 
 /// Environment variable naming the vmm-core binary (default: next to this executable).
 pub const VMM_CORE_ENV: &str = "FLOTILLA_VMM_CORE";
+/// Environment variable naming the qmp-gateway binary (default: next to this executable).
+pub const GATEWAY_ENV: &str = "FLOTILLA_QMP_GATEWAY";
+/// The gateway's restart delay: first, and at most.
+const GATEWAY_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// A gateway that ran this long before exiting gets the first delay again.
+const GATEWAY_STABLE: Duration = Duration::from_secs(10);
 /// How long a daemonizing launcher watches vmm-core for an early failure before detaching.
 const DAEMON_GRACE: Duration = Duration::from_millis(500);
 
@@ -28,6 +47,12 @@ const DAEMON_GRACE: Duration = Duration::from_millis(500);
 pub enum LaunchError {
     #[error("cannot find vmm-core at '{0}' (set {VMM_CORE_ENV} to its path)")]
     VmmCoreMissing(PathBuf),
+    #[error("cannot find qmp-gateway at '{0}' (set {GATEWAY_ENV} to its path)")]
+    GatewayMissing(PathBuf),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("cannot create the readiness pipe: {0}")]
+    Pipe(Errno),
     #[error("cannot locate the flotilla executable: {0}")]
     CurrentExe(io::Error),
     #[error("could not open kernel file '{0}': {1}")]
@@ -52,19 +77,24 @@ pub enum Outcome {
     Signal(i32),
 }
 
-pub fn find_vmm_core() -> Result<PathBuf, LaunchError> {
-    let path = match std::env::var_os(VMM_CORE_ENV).filter(|v| !v.is_empty()) {
+/// A helper binary: `$env` if set, else `name` next to this executable.
+fn find_binary(env: &str, name: &str) -> Result<Result<PathBuf, PathBuf>, LaunchError> {
+    let path = match std::env::var_os(env).filter(|v| !v.is_empty()) {
         Some(p) => PathBuf::from(p),
         None => {
             let exe = std::env::current_exe().map_err(LaunchError::CurrentExe)?;
-            exe.parent().unwrap_or(Path::new("/")).join("vmm-core")
+            exe.parent().unwrap_or(Path::new("/")).join(name)
         }
     };
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(LaunchError::VmmCoreMissing(path))
-    }
+    Ok(if path.is_file() { Ok(path) } else { Err(path) })
+}
+
+pub fn find_vmm_core() -> Result<PathBuf, LaunchError> {
+    find_binary(VMM_CORE_ENV, "vmm-core")?.map_err(LaunchError::VmmCoreMissing)
+}
+
+pub fn find_gateway() -> Result<PathBuf, LaunchError> {
+    find_binary(GATEWAY_ENV, "qmp-gateway")?.map_err(LaunchError::GatewayMissing)
 }
 
 /// Checks what QEMU checks before starting, so that errors come from the launcher.
@@ -215,6 +245,7 @@ fn wait_signal(set: &SigSet, timeout: Option<Duration>) -> Option<(i32, i32)> {
 /// Runs the VM to its end.
 pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
     let vmm_core = find_vmm_core()?;
+    let gateway = if opts.qmp.is_empty() { None } else { Some(find_gateway()?) };
     preflight(opts)?;
     // The daemon changes to "/"; keep the pid file where the user meant it.
     let pidfile_path = match &opts.pidfile {
@@ -225,7 +256,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
     };
 
     let mut report = if opts.daemonize { Some(daemonize()?) } else { None };
-    match run_vm(opts, &vmm_core, pidfile_path.as_deref(), report.as_mut()) {
+    match run_vm(opts, &vmm_core, gateway.as_deref(), pidfile_path.as_deref(), report.as_mut()) {
         Err(e) if report.is_some() => {
             // Say why before the waiting original process exits.
             eprintln!("flotilla: {e}");
@@ -241,6 +272,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
 fn run_vm(
     opts: &LaunchOptions,
     vmm_core: &Path,
+    gateway_bin: Option<&Path>,
     pidfile_path: Option<&Path>,
     mut report: Option<&mut DaemonReport>,
 ) -> Result<Outcome, LaunchError> {
@@ -257,17 +289,32 @@ fn run_vm(
     let tty_saved: Option<Termios> =
         if !opts.daemonize && io::stdin().is_terminal() { termios::tcgetattr(io::stdin().as_fd()).ok() } else { None };
 
+    // Dropped in reverse order: the bus is terminated before its directory goes.
+    let instance = opts.machine.name.clone().unwrap_or_else(|| format!("vm{}", std::process::id()));
+    let runtime = RuntimeDir::create(&instance)?;
+    let mut bus = PrivateBus::start(runtime.path())?;
+    let mut gateway = gateway_bin.map(|bin| Gateway::new(bin, &bus.address, &instance, &opts.qmp));
+    let (ready_r, ready_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).map_err(LaunchError::Pipe)?;
+    let ready_fd = ready_w.as_raw_fd();
+
     let json = opts.machine.to_json();
     tracing::debug!(vmm_core = %vmm_core.display(), config = %json, "starting vmm-core");
     let mut cmd = Command::new(vmm_core);
     cmd.arg("--config-json").arg(&json);
+    cmd.args(["--dbus-address", &bus.address, "--instance", &instance, "--ready-fd", &ready_fd.to_string()]);
     if opts.daemonize {
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     }
     let launcher = std::process::id() as libc::pid_t;
-    // SAFETY: the closure only makes async-signal-safe calls (sigprocmask, prctl, getppid).
+    // SAFETY: the closure only makes async-signal-safe calls (sigprocmask, fcntl, prctl,
+    // getppid).
     unsafe {
         cmd.pre_exec(move || {
+            // The readiness pipe's write end is vmm-core's to keep (the pipe is close-on-exec).
+            if libc::fcntl(ready_fd, libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
             // std's Command keeps the parent's signal mask; ours blocks the signals vmm-core
             // must receive.
             let mut empty: libc::sigset_t = std::mem::zeroed();
@@ -286,6 +333,8 @@ fn run_vm(
         });
     }
     let mut child = cmd.spawn().map_err(|e| LaunchError::Spawn(vmm_core.to_path_buf(), e))?;
+    drop(ready_w);
+    let mut ready = ReadyPipe(Some(File::from(ready_r)));
     let pid = Pid::from_raw(child.id() as i32);
     tracing::info!(pid = child.id(), "vmm-core started");
 
@@ -331,7 +380,13 @@ fn run_vm(
         }
     }
 
-    let status = supervise(&mut child, pid, &signals);
+    let status = supervise(&mut child, pid, &signals, &mut ready, gateway.as_mut(), &mut bus);
+    // vmm-core has ended: the rest of the instance goes, in order.
+    if let Some(g) = gateway.as_mut() {
+        g.stop();
+    }
+    bus.daemon.terminate(TERM_GRACE);
+    drop(runtime);
     if let Some(t) = &tty_saved {
         // vmm-core restores the terminal itself, unless it was killed.
         let _ = termios::tcsetattr(io::stdin().as_fd(), SetArg::TCSANOW, t);
@@ -379,7 +434,162 @@ fn forward(pid: Pid, sig: i32, si_code: i32) {
     }
 }
 
-fn supervise(child: &mut Child, pid: Pid, signals: &SigSet) -> ExitStatus {
+/// The read end of vmm-core's readiness pipe (non-blocking).
+struct ReadyPipe(Option<File>);
+
+impl ReadyPipe {
+    /// True once vmm-core has said `ready`; the pipe is closed then, or at its EOF.
+    fn check(&mut self) -> bool {
+        let Some(f) = self.0.as_mut() else { return false };
+        let mut buf = [0u8; 16];
+        match f.read(&mut buf) {
+            Ok(n) if n > 0 && buf[..n].starts_with(b"ready") => {
+                self.0 = None;
+                true
+            }
+            Ok(_) => {
+                // EOF (vmm-core failed or exited before it was ready) or a stray byte.
+                self.0 = None;
+                false
+            }
+            Err(_) => false, // EAGAIN: not yet
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+/// The QMP gateway of the instance: started once vmm-core is ready, restarted when it exits.
+struct Gateway {
+    program: PathBuf,
+    args: Vec<String>,
+    /// The unix sockets it serves: stale ones are removed before each start, all at the end.
+    sockets: Vec<PathBuf>,
+    proc: Option<Managed>,
+    /// When to start it (again); `None` before vmm-core is ready.
+    next_start: Option<Instant>,
+    backoff: Duration,
+    starts: u32,
+}
+
+impl Gateway {
+    fn new(program: &Path, address: &str, instance: &str, qmp: &[QmpSocket]) -> Gateway {
+        let mut args = vec!["--dbus-address".to_string(), address.to_string(), "--instance".into(), instance.into()];
+        for q in qmp {
+            args.push("--qmp".into());
+            args.push(q.gateway_spec());
+        }
+        let sockets = qmp
+            .iter()
+            .filter_map(|q| match q {
+                QmpSocket::Unix { path } => Some(path.clone()),
+                QmpSocket::Tcp { .. } => None,
+            })
+            .collect();
+        Gateway {
+            program: program.to_path_buf(),
+            args,
+            sockets,
+            proc: None,
+            next_start: None,
+            backoff: GATEWAY_BACKOFF.0,
+            starts: 0,
+        }
+    }
+
+    /// Removes those of its unix sockets that exist (and are sockets: never a user's file).
+    fn remove_sockets(&self) {
+        use std::os::unix::fs::FileTypeExt;
+        for s in &self.sockets {
+            if std::fs::symlink_metadata(s).is_ok_and(|m| m.file_type().is_socket()) {
+                if let Err(e) = std::fs::remove_file(s) {
+                    tracing::warn!("cannot remove the QMP socket {}: {e}", s.display());
+                }
+            }
+        }
+    }
+
+    fn start(&mut self) {
+        self.remove_sockets();
+        self.starts += 1;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args).stdin(Stdio::null());
+        tracing::debug!(program = %self.program.display(), args = ?self.args, "starting qmp-gateway");
+        match Managed::spawn("qmp-gateway", &mut cmd) {
+            Ok(p) => {
+                self.proc = Some(p);
+                self.next_start = None;
+            }
+            Err(e) => {
+                eprintln!("flotilla: cannot start qmp-gateway '{}': {e}", self.program.display());
+                self.schedule(Duration::ZERO);
+            }
+        }
+    }
+
+    /// Plans the next start after a run of `ran`.
+    fn schedule(&mut self, ran: Duration) {
+        if ran >= GATEWAY_STABLE {
+            self.backoff = GATEWAY_BACKOFF.0;
+        }
+        self.next_start = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(GATEWAY_BACKOFF.1);
+    }
+
+    /// vmm-core is ready: start now.
+    fn ready(&mut self) {
+        if self.proc.is_none() && self.starts == 0 {
+            self.start();
+        }
+    }
+
+    /// Notices an exit (and plans the restart), and restarts when it is time.
+    fn poll(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let ran = p.started.elapsed();
+                eprintln!(
+                    "flotilla: qmp-gateway (pid {}) exited ({}) after {ran:.1?}; restarting it",
+                    p.child.id(),
+                    describe(status)
+                );
+                self.proc = None;
+                self.schedule(ran);
+            }
+        }
+        if self.next_start.is_some_and(|t| Instant::now() >= t) {
+            self.start();
+        }
+    }
+
+    fn stop(&mut self) {
+        self.next_start = None;
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(TERM_GRACE);
+        }
+        self.remove_sockets();
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => format!("{status:?}"),
+    }
+}
+
+fn supervise(
+    child: &mut Child,
+    pid: Pid,
+    signals: &SigSet,
+    ready: &mut ReadyPipe,
+    mut gateway: Option<&mut Gateway>,
+    bus: &mut PrivateBus,
+) -> ExitStatus {
+    let mut bus_alive = true;
     loop {
         match child.try_wait() {
             Ok(Some(status)) => return status,
@@ -389,8 +599,29 @@ fn supervise(child: &mut Child, pid: Pid, signals: &SigSet) -> ExitStatus {
                 return child.wait().unwrap_or_else(|_| ExitStatus::from_raw(1 << 8));
             }
         }
-        // SIGCHLD wakes us when vmm-core exits; the timeout is only a safety net.
-        if let Some((sig, code)) = wait_signal(signals, Some(Duration::from_secs(1))) {
+        if ready.check() {
+            tracing::info!("vmm-core is ready");
+            if let Some(g) = gateway.as_mut() {
+                g.ready();
+            }
+        }
+        if let Some(g) = gateway.as_mut() {
+            g.poll();
+        }
+        if bus_alive && !bus.daemon.running() {
+            bus_alive = false;
+            eprintln!("flotilla: the instance's dbus-daemon exited; QMP is unavailable until the VM ends");
+        }
+        // SIGCHLD wakes us when a child exits; readiness is polled while it is awaited, a
+        // gateway restart waits for its time, and the timeout is otherwise a safety net.
+        let mut timeout = Duration::from_secs(1);
+        if ready.pending() {
+            timeout = Duration::from_millis(20);
+        }
+        if let Some(t) = gateway.as_ref().and_then(|g| g.next_start) {
+            timeout = timeout.min(t.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
+        }
+        if let Some((sig, code)) = wait_signal(signals, Some(timeout)) {
             forward(pid, sig, code);
         }
     }

@@ -3,7 +3,9 @@
 //! KVM. What a caller of `qemu-system-x86_64` relies on is checked from outside, as such a
 //! caller sees it: the serial console, the exit status, signals, `-pidfile`, `-daemonize`, error
 //! messages on stderr with exit code 1, and that nothing is left running or lying around
-//! (no vmm-core process, no socket file, no pid file) afterwards.
+//! (no vmm-core or dbus-daemon process, no socket file, no pid file, no runtime directory)
+//! afterwards. Each test puts the launcher's runtime directory (`XDG_RUNTIME_DIR`) in its
+//! scratch directory, so the private bus's dbus-daemon is found by the same marker.
 //!
 //! The binaries are built next to this test executable (`flotilla_tests::process::binaries`:
 //! one `cargo build -p flotilla -p vmm-core` per test process, or `FLOTILLA_BIN_DIR`).
@@ -53,6 +55,7 @@ impl Launched {
         let sock = dir.path("serial.sock");
         let serial = format!("unix:{},server=on,wait=on", sock.display());
         let mut cmd = flotilla();
+        cmd.env("XDG_RUNTIME_DIR", &dir.0);
         cmd.args(["-m", "128", "-smp", "2", "-kernel", &elf(), "-serial", &serial, "-display", "none"])
             .args(extra)
             .stdin(Stdio::null())
@@ -94,6 +97,7 @@ impl Launched {
         let left = processes_mentioning(self.marker());
         assert!(left.is_empty(), "processes left running: {left:?}");
         assert!(!self.sock.exists(), "serial socket {} was not removed", self.sock.display());
+        assert!(!self.dir.path("flotilla").exists(), "the runtime directory was not removed");
     }
 }
 
@@ -202,6 +206,7 @@ fn daemonize_returns_and_the_vm_keeps_running_until_killed_via_the_pidfile() {
     let serial = format!("unix:{},server=on,wait=off", sock.display());
     let marker = dir.0.display().to_string();
     let mut child = flotilla()
+        .env("XDG_RUNTIME_DIR", &dir.0)
         .args(["-m", "128", "-smp", "2", "-kernel", &elf(), "-serial", &serial, "-display", "none"])
         .args(["-daemonize", "-pidfile", pidfile.to_str().expect("utf-8")])
         .stdin(Stdio::null())
@@ -236,6 +241,7 @@ fn daemonize_returns_and_the_vm_keeps_running_until_killed_via_the_pidfile() {
     assert!(!sock.exists(), "serial socket left behind");
     let left = processes_mentioning(&marker);
     assert!(left.is_empty(), "processes left running: {left:?}");
+    assert!(!dir.path("flotilla").exists(), "the runtime directory was not removed");
 }
 
 #[test]
@@ -244,6 +250,7 @@ fn nographic_puts_the_serial_console_on_stdio() {
     let marker = dir.0.display().to_string();
     // The marker only has to reach vmm-core's command line (the config JSON): use it as -name.
     let mut child = flotilla()
+        .env("XDG_RUNTIME_DIR", &dir.0)
         .args(["-m", "128", "-smp", "2", "-kernel", &elf(), "-nographic", "-name", &marker])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -308,6 +315,7 @@ fn refused_in(dir: TempDir, args: &[&str], want: &[&str]) -> String {
     let serial = format!("unix:{},server=on,wait=off", sock.display());
     let marker = dir.0.display().to_string();
     let mut child = flotilla()
+        .env("XDG_RUNTIME_DIR", &dir.0)
         .args(args)
         .args(["-serial", &serial, "-display", "none", "-name", &marker])
         .stdin(Stdio::null())
@@ -341,6 +349,7 @@ fn refused_in(dir: TempDir, args: &[&str], want: &[&str]) -> String {
     let left = processes_mentioning(&marker);
     assert!(left.is_empty(), "flotilla {args:?} left processes running: {left:?}");
     assert!(!sock.exists(), "flotilla {args:?} left the socket {}", sock.display());
+    assert!(!dir.path("flotilla").exists(), "flotilla {args:?} left its runtime directory");
     err
 }
 
@@ -428,5 +437,6 @@ fn leftover_check_finds_a_running_vmm_core() {
     let found = processes_mentioning(vm.marker());
     assert!(found.iter().any(|(p, _)| *p == core), "vmm-core {core} not found by marker: {found:?}");
     assert!(found.iter().any(|(p, _)| *p == vm.pid()), "flotilla not found by marker: {found:?}");
+    assert!(found.iter().any(|(_, c)| c.contains("dbus-daemon")), "the private bus not found by marker: {found:?}");
     assert!(vm.dir.0.is_dir());
 }

@@ -44,7 +44,8 @@ fn parse_args() -> Result<Args, String> {
             "--instance" => instance = Some(args.next().ok_or("--instance needs a value")?),
             "--ready-fd" => {
                 let fd = args.next().ok_or("--ready-fd needs a value")?;
-                ready_fd = Some(fd.parse().ok().filter(|&n: &i32| n > 2).ok_or("--ready-fd needs a descriptor above 2")?);
+                ready_fd =
+                    Some(fd.parse().ok().filter(|&n: &i32| n > 2).ok_or("--ready-fd needs a descriptor above 2")?);
             }
             "-h" | "--help" => return Err(usage().to_string()),
             other => return Err(format!("unknown argument '{other}'\n{}", usage())),
