@@ -1,0 +1,192 @@
+//! The vhost-user side: features, the virtio-blk config space, and the queue workers (one
+//! thread per queue) that pop chains, hand them to [`Drive::process`] and complete them.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::request::{Drive, SECTOR_SIZE};
+
+/// Queue size offered to the frontend (it may pick a smaller one).
+pub const MAX_QUEUE_SIZE: usize = 256;
+/// Length of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding.
+pub const CONFIG_LEN: usize = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("creating the exit event of worker {0}: {1}")]
+    ExitEvent(usize, #[source] io::Error),
+}
+
+/// One drive's backend. Cloned into every worker thread; per-connection state lives here and
+/// a new one is made for every connection.
+#[derive(Clone)]
+pub struct BlockBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    drive: Arc<Drive>,
+    num_queues: usize,
+    event_idx: Mutex<bool>,
+    mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    exit: Vec<(EventConsumer, EventNotifier)>,
+}
+
+impl BlockBackend {
+    pub fn new(drive: Arc<Drive>, num_queues: usize) -> Result<BlockBackend, BackendError> {
+        let exit = (0..num_queues)
+            .map(|i| new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(|e| BackendError::ExitEvent(i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(BlockBackend {
+            inner: Arc::new(Inner {
+                drive,
+                num_queues,
+                event_idx: Mutex::new(false),
+                mem: Mutex::new(None),
+                exit,
+            }),
+        })
+    }
+
+    /// Tells every worker thread to exit (the daemon does this itself when dropped).
+    pub fn stop_workers(&self) {
+        for (_, notifier) in &self.inner.exit {
+            let _ = notifier.notify();
+        }
+    }
+
+    /// The virtio-blk config space (little-endian `struct virtio_blk_config`).
+    pub fn config_space(&self) -> [u8; CONFIG_LEN] {
+        let d = &self.inner.drive;
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..8].copy_from_slice(&(d.disk.size() / SECTOR_SIZE).to_le_bytes()); // capacity
+        c[12..16].copy_from_slice(&d.limits.seg_max.to_le_bytes()); // seg_max
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        c[34..36].copy_from_slice(&(self.inner.num_queues as u16).to_le_bytes()); // num_queues
+        c[36..40].copy_from_slice(&d.limits.max_discard_sectors.to_le_bytes());
+        c[40..44].copy_from_slice(&d.limits.max_discard_seg.to_le_bytes());
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&d.limits.max_write_zeroes_sectors.to_le_bytes());
+        c[52..56].copy_from_slice(&d.limits.max_write_zeroes_seg.to_le_bytes());
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    fn process_queue(&self, vring: &VringRwLock) -> io::Result<bool> {
+        let mem = self.inner.mem.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(mem) = mem else { return Ok(false) };
+        let mem = mem.memory();
+        let mut used_any = false;
+        loop {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let done = self.inner.drive.process(chain);
+            vring.add_used(head, done.used_len).map_err(io::Error::other)?;
+            used_any = true;
+        }
+        Ok(used_any)
+    }
+}
+
+impl VhostUserBackend for BlockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.inner.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.inner.drive.readonly {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        *self.inner.event_idx.lock().unwrap_or_else(|p| p.into_inner()) = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // Bytes past our struct (fields of newer spec revisions) read as zero.
+        let config = self.config_space();
+        (offset..offset.saturating_add(size)).map(|i| config.get(i as usize).copied().unwrap_or(0)).collect()
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // Only `wce` is writable in virtio-blk, and we do not offer CONFIG_WCE.
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.inner.mem.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.inner.exit.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], _thread: usize) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Err(io::Error::other(format!("event for unknown queue {device_event}")));
+        };
+        let event_idx = *self.inner.event_idx.lock().unwrap_or_else(|p| p.into_inner());
+        if event_idx {
+            // Process until the guest adds nothing more while notifications are off.
+            loop {
+                vring.disable_notification().map_err(io::Error::other)?;
+                let used = self.process_queue(vring)?;
+                if used && vring.needs_notification().map_err(io::Error::other)? {
+                    vring.signal_used_queue()?;
+                }
+                if !vring.enable_notification().map_err(io::Error::other)? {
+                    break;
+                }
+            }
+        } else if self.process_queue(vring)? {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}

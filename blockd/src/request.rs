@@ -1,0 +1,288 @@
+//! virtio-blk requests: parsing a descriptor chain, checking it, running it against a [`Disk`]
+//! and writing the status byte. Nothing a guest puts in a chain can stop the backend: a bad
+//! request gets `VIRTIO_BLK_S_IOERR` (or `UNSUPP` for an unknown type), and a chain whose status
+//! byte cannot be written at all is completed with length 0 and logged.
+
+use std::io::{Read, Write};
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestMemory};
+
+use crate::disk::Disk;
+
+pub const SECTOR_SIZE: u64 = 512;
+/// Size of the request header (`struct virtio_blk_outhdr`: type, reserved, sector).
+pub const HEADER_SIZE: usize = 16;
+/// Size of one discard / write-zeroes segment (`struct virtio_blk_discard_write_zeroes`).
+pub const SEGMENT_SIZE: usize = 16;
+/// `VIRTIO_BLK_ID_BYTES`: the length of a GET_ID answer.
+pub const ID_BYTES: usize = 20;
+/// Flag in a write-zeroes segment: the device may free the space.
+const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+
+/// Limits the device advertises in its config space, and enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most data descriptors in one request (`seg_max`); header and status come on top.
+    pub seg_max: u32,
+    /// Most bytes of data in one IN/OUT request (bounds the bounce buffer).
+    pub max_data: usize,
+    pub max_discard_sectors: u32,
+    pub max_discard_seg: u32,
+    pub max_write_zeroes_sectors: u32,
+    pub max_write_zeroes_seg: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            seg_max: 126,
+            max_data: 32 << 20,
+            max_discard_sectors: (1 << 30) / SECTOR_SIZE as u32,
+            max_discard_seg: 1,
+            max_write_zeroes_sectors: (1 << 30) / SECTOR_SIZE as u32,
+            max_write_zeroes_seg: 1,
+        }
+    }
+}
+
+/// The drive a queue worker serves requests for.
+pub struct Drive {
+    pub disk: Box<dyn Disk>,
+    pub readonly: bool,
+    /// GET_ID's answer, at most 20 bytes.
+    pub serial: Vec<u8>,
+    pub limits: Limits,
+}
+
+/// How a chain ended: the status written (None where none could be) and the used length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub status: Option<u8>,
+    pub used_len: u32,
+}
+
+/// Why a request got an error status; logged at debug level (a guest can produce these at will).
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("descriptor chain is malformed: {0}")]
+    Chain(String),
+    #[error("the drive is read-only")]
+    ReadOnly,
+    #[error("unsupported request type {0}")]
+    Unsupported(u32),
+    #[error("range out of bounds: sector {sector}, {len} bytes, capacity {capacity} bytes")]
+    OutOfRange { sector: u64, len: u64, capacity: u64 },
+    #[error("I/O on the image failed: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("copying from or to guest memory failed: {0}")]
+    GuestMemory(#[source] std::io::Error),
+}
+
+impl RequestError {
+    fn status(&self) -> u8 {
+        match self {
+            RequestError::Unsupported(_) => VIRTIO_BLK_S_UNSUPP as u8,
+            _ => VIRTIO_BLK_S_IOERR as u8,
+        }
+    }
+}
+
+/// One descriptor as seen in the chain.
+#[derive(Debug, Clone, Copy)]
+struct Desc {
+    addr: vm_memory::GuestAddress,
+    len: u32,
+    write_only: bool,
+}
+
+impl Drive {
+    /// Serves one chain: runs the request and writes its status byte.
+    pub fn process<M>(&self, chain: DescriptorChain<M>) -> Completion
+    where
+        M: std::ops::Deref + Clone,
+        M::Target: GuestMemory + Sized,
+    {
+        let mem = chain.memory();
+        let descs: Vec<Desc> = chain
+            .clone()
+            .take(self.limits.seg_max as usize + 3)
+            .map(|d| Desc { addr: d.addr(), len: d.len(), write_only: d.is_write_only() })
+            .collect();
+
+        // The status byte is the last byte of the last descriptor, which must be device-writable.
+        let Some(last) = descs.last().copied() else {
+            tracing::warn!("empty descriptor chain, skipped");
+            return Completion { status: None, used_len: 0 };
+        };
+        if !last.write_only || last.len == 0 {
+            tracing::warn!("descriptor chain without a writable status byte, skipped");
+            return Completion { status: None, used_len: 0 };
+        }
+        let Some(status_addr) = last.addr.checked_add(u64::from(last.len) - 1) else {
+            tracing::warn!("status descriptor wraps the address space, skipped");
+            return Completion { status: None, used_len: 0 };
+        };
+
+        let (status, data_written) = match self.run(&chain, &descs) {
+            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+            Err(e) => {
+                tracing::debug!("request failed: {e}");
+                (e.status(), 0)
+            }
+        };
+        if let Err(e) = mem.write_obj(status, status_addr) {
+            tracing::warn!("writing the status byte: {e}; chain completed without status");
+            return Completion { status: None, used_len: 0 };
+        }
+        Completion { status: Some(status), used_len: data_written + 1 }
+    }
+
+    /// Runs the request; returns how many data bytes were written into the chain.
+    fn run<M>(&self, chain: &DescriptorChain<M>, descs: &[Desc]) -> Result<u32, RequestError>
+    where
+        M: std::ops::Deref + Clone,
+        M::Target: GuestMemory + Sized,
+    {
+        let mem = chain.memory();
+        if descs.len() > self.limits.seg_max as usize + 2 {
+            return Err(RequestError::Chain(format!("more than seg_max {} + 2 descriptors", self.limits.seg_max)));
+        }
+        // Device-readable descriptors first, then device-writable ones.
+        if let Some(i) = descs.iter().position(|d| d.write_only) {
+            if descs[i..].iter().any(|d| !d.write_only) {
+                return Err(RequestError::Chain("a readable descriptor follows a writable one".into()));
+            }
+        }
+        let chain_err = |e: virtio_queue::Error| RequestError::Chain(e.to_string());
+        let mut reader = chain.clone().reader(mem).map_err(chain_err)?;
+        let mut writer = chain.clone().writer(mem).map_err(chain_err)?;
+        // The last writable byte is the status: the data area is everything before it.
+        let writable = writer.available_bytes();
+        let data_writable = writable.checked_sub(1).ok_or_else(|| RequestError::Chain("no status byte".into()))?;
+        let mut _status = writer.split_at(data_writable).map_err(chain_err)?;
+
+        if reader.available_bytes() < HEADER_SIZE {
+            return Err(RequestError::Chain(format!("header shorter than {HEADER_SIZE} bytes")));
+        }
+        let mut header = [0u8; HEADER_SIZE];
+        reader.read_exact(&mut header).map_err(RequestError::GuestMemory)?;
+        let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
+        let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+        let readable = reader.available_bytes();
+
+        match req_type {
+            VIRTIO_BLK_T_IN => {
+                if readable != 0 {
+                    return Err(RequestError::Chain("read request with device-readable data".into()));
+                }
+                let len = self.check_data(sector, data_writable)?;
+                let mut buf = vec![0u8; len];
+                self.disk.read_at(&mut buf, sector * SECTOR_SIZE).map_err(RequestError::Io)?;
+                writer.write_all(&buf).map_err(RequestError::GuestMemory)?;
+                Ok(len as u32)
+            }
+            VIRTIO_BLK_T_OUT => {
+                if data_writable != 0 {
+                    return Err(RequestError::Chain("write request with device-writable data".into()));
+                }
+                if self.readonly {
+                    return Err(RequestError::ReadOnly);
+                }
+                let len = self.check_data(sector, readable)?;
+                let mut buf = vec![0u8; len];
+                reader.read_exact(&mut buf).map_err(RequestError::GuestMemory)?;
+                self.disk.write_at(&buf, sector * SECTOR_SIZE).map_err(RequestError::Io)?;
+                Ok(0)
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                if readable != 0 || data_writable != 0 {
+                    return Err(RequestError::Chain("flush request with data".into()));
+                }
+                if !self.readonly {
+                    self.disk.flush().map_err(RequestError::Io)?;
+                }
+                Ok(0)
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                if readable != 0 || data_writable < ID_BYTES {
+                    return Err(RequestError::Chain(format!("GET_ID needs {ID_BYTES} writable bytes")));
+                }
+                let mut id = [0u8; ID_BYTES];
+                let n = self.serial.len().min(ID_BYTES);
+                id[..n].copy_from_slice(&self.serial[..n]);
+                writer.write_all(&id).map_err(RequestError::GuestMemory)?;
+                Ok(ID_BYTES as u32)
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                if data_writable != 0 {
+                    return Err(RequestError::Chain("discard/write-zeroes with device-writable data".into()));
+                }
+                if self.readonly {
+                    return Err(RequestError::ReadOnly);
+                }
+                let discard = req_type == VIRTIO_BLK_T_DISCARD;
+                let (max_seg, max_sectors) = if discard {
+                    (self.limits.max_discard_seg, self.limits.max_discard_sectors)
+                } else {
+                    (self.limits.max_write_zeroes_seg, self.limits.max_write_zeroes_sectors)
+                };
+                if readable == 0 || readable % SEGMENT_SIZE != 0 || readable / SEGMENT_SIZE > max_seg as usize {
+                    return Err(RequestError::Chain(format!("{readable} bytes of segments (max {max_seg} segments)")));
+                }
+                for _ in 0..readable / SEGMENT_SIZE {
+                    let mut seg = [0u8; SEGMENT_SIZE];
+                    reader.read_exact(&mut seg).map_err(RequestError::GuestMemory)?;
+                    let seg_sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+                    let num_sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+                    let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+                    if num_sectors > max_sectors {
+                        return Err(RequestError::Chain(format!("{num_sectors} sectors > {max_sectors}")));
+                    }
+                    let len = u64::from(num_sectors) * SECTOR_SIZE;
+                    self.check_range(seg_sector, len)?;
+                    let offset = seg_sector * SECTOR_SIZE;
+                    if discard {
+                        if flags != 0 {
+                            return Err(RequestError::Unsupported(req_type));
+                        }
+                        self.disk.discard(offset, len).map_err(RequestError::Io)?;
+                    } else {
+                        if flags & !WRITE_ZEROES_FLAG_UNMAP != 0 {
+                            return Err(RequestError::Unsupported(req_type));
+                        }
+                        let unmap = flags & WRITE_ZEROES_FLAG_UNMAP != 0;
+                        self.disk.write_zeroes(offset, len, unmap).map_err(RequestError::Io)?;
+                    }
+                }
+                Ok(0)
+            }
+            other => Err(RequestError::Unsupported(other)),
+        }
+    }
+
+    /// Checks an IN/OUT data length: whole sectors, within the limits and the disk.
+    fn check_data(&self, sector: u64, len: usize) -> Result<usize, RequestError> {
+        if !(len as u64).is_multiple_of(SECTOR_SIZE) {
+            return Err(RequestError::Chain(format!("data length {len} is not a multiple of {SECTOR_SIZE}")));
+        }
+        if len > self.limits.max_data {
+            return Err(RequestError::Chain(format!("data length {len} over {} bytes", self.limits.max_data)));
+        }
+        self.check_range(sector, len as u64)?;
+        Ok(len)
+    }
+
+    fn check_range(&self, sector: u64, len: u64) -> Result<(), RequestError> {
+        let capacity = self.disk.size();
+        let end = sector.checked_mul(SECTOR_SIZE).and_then(|o| o.checked_add(len));
+        match end {
+            Some(end) if end <= capacity => Ok(()),
+            _ => Err(RequestError::OutOfRange { sector, len, capacity }),
+        }
+    }
+}
