@@ -137,6 +137,7 @@ fn run() -> Result<(), MainError> {
     let drive = Arc::new(Drive { disk, readonly: spec.readonly, serial, limits: Limits::default() });
     tracing::info!(file = %spec.file.display(), format = ?spec.format, readonly = spec.readonly,
         capacity = drive.disk.size(), "serving");
+    flush_and_exit_on_signal(drive.clone());
 
     loop {
         let backend = BlockBackend::new(drive.clone(), args.num_queues)?;
@@ -159,6 +160,34 @@ fn run() -> Result<(), MainError> {
             }
         }
     }
+}
+
+/// SIGTERM, SIGINT and SIGHUP flush the image (qcow2 metadata lives in imago's caches) and end
+/// the process. The signals are blocked in every thread and taken by one waiting thread.
+fn flush_and_exit_on_signal(drive: Arc<Drive>) {
+    // SAFETY: plain libc signal-set manipulation on a local, initialised sigset_t.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: sigwait on a valid set, writing into a local.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        tracing::info!("signal {sig}: flushing the image and exiting");
+        if !drive.readonly {
+            if let Err(e) = drive.disk.flush() {
+                tracing::error!("flushing the image: {e}");
+                std::process::exit(1);
+            }
+        }
+        std::process::exit(0);
+    });
 }
 
 fn main() -> ExitCode {

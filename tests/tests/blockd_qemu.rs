@@ -9,8 +9,11 @@
 
 use flotilla_tests::console::Console;
 use flotilla_tests::machine::TempDir;
-use flotilla_tests::process::{wait_timeout, Collector, Reaper};
+use flotilla_tests::process::{signal, wait_timeout, Collector, Reaper};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -119,11 +122,13 @@ impl Blockd {
         Blockd { reaper, log, socket }
     }
 
-    /// Stops blockd and returns its log.
+    /// Stops blockd with SIGTERM (it flushes the image and exits 0) and returns its log.
     fn stop(mut self) -> String {
-        let _ = self.reaper.child().kill();
-        let _ = self.reaper.child().wait();
-        self.log.take()
+        signal(self.reaper.pid(), libc::SIGTERM);
+        let status = wait_timeout(self.reaper.child(), Duration::from_secs(10));
+        let log = self.log.take();
+        assert!(status.is_some_and(|s| s.success()), "blockd did not exit cleanly on SIGTERM ({status:?}):\n{log}");
+        log
     }
 }
 
@@ -333,4 +338,68 @@ fn readonly_drive_refuses_guest_writes() {
     q.poweroff();
     blockd.stop();
     assert!(std::fs::read(&image).unwrap() == before, "the read-only image changed");
+}
+
+#[test]
+fn print_capabilities_follows_the_vhost_user_spec() {
+    let out = run(Command::new(blockd_bin()).arg("--print-capabilities"));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["type"], "block", "{out}");
+}
+
+/// `--fd N`: blockd serves a listening socket it inherits. Talks vhost-user by hand
+/// (GET_FEATURES) and checks the virtio-blk feature bits it offers.
+#[test]
+fn inherited_listening_fd_is_served() {
+    let dir = TempDir::new("blockd-fd");
+    let image = dir.path("disk.raw");
+    std::fs::File::create(&image).unwrap().set_len(MIB).unwrap();
+    let sock = dir.path("inherited.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new(blockd_bin());
+    cmd.args(["--fd", "3", "--drive", &format!("file={},format=raw", image.display())])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: dup2 and fcntl are async-signal-safe; they put the listener on fd 3 without
+    // CLOEXEC in the child (dup2 onto itself would keep the flag, hence the fcntl).
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+            if rc < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+    }
+    let child = cmd.spawn().expect("spawning blockd");
+    let mut reaper = Reaper::new(child, &dir.0.display().to_string());
+    let mut log = Collector::new(reaper.child().stderr.take().expect("stderr"));
+    drop(listener);
+
+    let mut conn = UnixStream::connect(&sock).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Header: request GET_FEATURES (1), flags: version 1, payload size 0.
+    let mut msg = Vec::new();
+    for w in [1u32, 1, 0] {
+        msg.extend_from_slice(&w.to_le_bytes());
+    }
+    conn.write_all(&msg).unwrap();
+    let mut reply = [0u8; 20];
+    conn.read_exact(&mut reply).unwrap_or_else(|e| panic!("no GET_FEATURES reply: {e}\n{}", log.take()));
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 1);
+    assert_eq!(u32::from_le_bytes(reply[8..12].try_into().unwrap()), 8);
+    let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
+    for (bit, name) in [(30, "PROTOCOL_FEATURES"), (32, "VERSION_1"), (29, "EVENT_IDX"), (9, "FLUSH"), (12, "MQ"),
+        (13, "DISCARD"), (14, "WRITE_ZEROES")]
+    {
+        assert_ne!(features & (1 << bit), 0, "feature {name} missing from {features:#x}");
+    }
+    assert_eq!(features & (1 << 5), 0, "RO offered for a writable drive");
+    drop(conn);
+    signal(reaper.pid(), libc::SIGTERM);
+    let status = wait_timeout(reaper.child(), Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "blockd on SIGTERM: {status:?}\n{}", log.take());
 }
