@@ -277,9 +277,15 @@ fn raw_drive_reads_writes_and_serves_a_reconnecting_frontend() {
     let mut q = Qemu::boot(&dir, "2", &blockd, 1, 1);
     let qm2 = q.ask("MQ", &fill_md5_cmd('Q'));
     assert_eq!(q.ask("M2", &read_md5_cmd(2 * MIB)), qm2);
+    // DISCARD from the guest punches a hole in the raw file: the range reads as zeroes.
+    let zero = q.ask("M0", &format!("R=$(head -c {LEN} /dev/zero | md5sum | cut -c1-32)"));
+    assert_eq!(q.ask("DI", &format!("blkdiscard -o {} -l {LEN} /dev/vda; R=$?", 2 * MIB)), "0");
+    assert_eq!(q.ask("M3", &read_md5_cmd(2 * MIB)), zero);
     q.poweroff();
     let log = blockd.stop();
     assert_eq!(log.matches("frontend connected").count(), 2, "blockd's log:\n{log}");
+    std::fs::File::open(&image).unwrap().read_exact_at(&mut got, 2 * MIB).unwrap();
+    assert!(got.iter().all(|&b| b == 0), "the discarded range is not zero in {}", image.display());
 }
 
 #[test]
