@@ -29,6 +29,8 @@ const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 pub struct Limits {
     /// Most data descriptors in one request (`seg_max`); header and status come on top.
     pub seg_max: u32,
+    /// Largest data segment (`size_max`); seg_max × size_max stays within `max_data`.
+    pub size_max: u32,
     /// Most bytes of data in one IN/OUT request (bounds the bounce buffer).
     pub max_data: usize,
     pub max_discard_sectors: u32,
@@ -41,6 +43,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             seg_max: 126,
+            size_max: 256 << 10,
             max_data: 32 << 20,
             max_discard_sectors: (1 << 30) / SECTOR_SIZE as u32,
             max_discard_seg: 1,

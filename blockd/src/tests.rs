@@ -331,6 +331,7 @@ fn config_space_and_features() {
     let b = BlockBackend::new(std::sync::Arc::new(drive(false)), 3).unwrap();
     let c = b.config_space();
     assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), (1 << 20) / 512);
+    assert_eq!(u32::from_le_bytes(c[8..12].try_into().unwrap()), 256 << 10);
     assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 4);
     assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
     assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 3);
@@ -342,6 +343,9 @@ fn config_space_and_features() {
     assert_eq!(b.queues_per_thread(), vec![1, 2, 4]);
     let f = b.features();
     assert_ne!(f & (1 << VIRTIO_BLK_F_MQ), 0);
+    assert_ne!(f & (1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_SIZE_MAX), 0);
+    let limits = Limits::default();
+    assert!(limits.seg_max as usize * limits.size_max as usize <= limits.max_data);
     assert_ne!(f & (1 << VIRTIO_BLK_F_DISCARD), 0);
     assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
 
