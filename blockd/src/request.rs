@@ -111,14 +111,23 @@ impl Drive {
         M::Target: GuestMemory + Sized,
     {
         let mem = chain.memory();
-        let descs: Vec<Desc> = chain
-            .clone()
-            .take(self.limits.seg_max as usize + 3)
-            .map(|d| Desc { addr: d.addr(), len: d.len(), write_only: d.is_write_only() })
-            .collect();
+        // Walk the whole chain (virtio-queue bounds it by the queue or indirect table size) for
+        // its real last descriptor; keep only as many as a valid request can have.
+        let keep = self.limits.seg_max as usize + 3;
+        let mut descs: Vec<Desc> = Vec::with_capacity(8);
+        let mut last = None;
+        let mut count = 0usize;
+        for d in chain.clone() {
+            let d = Desc { addr: d.addr(), len: d.len(), write_only: d.is_write_only() };
+            if descs.len() < keep {
+                descs.push(d);
+            }
+            last = Some(d);
+            count += 1;
+        }
 
         // The status byte is the last byte of the last descriptor, which must be device-writable.
-        let Some(last) = descs.last().copied() else {
+        let Some(last) = last else {
             tracing::warn!("empty descriptor chain, skipped");
             return Completion { status: None, used_len: 0 };
         };
@@ -131,7 +140,12 @@ impl Drive {
             return Completion { status: None, used_len: 0 };
         };
 
-        let (status, data_written) = match self.run(&chain, &descs) {
+        let result = if count > self.limits.seg_max as usize + 2 {
+            Err(RequestError::Chain(format!("{count} descriptors, more than seg_max {} + 2", self.limits.seg_max)))
+        } else {
+            self.run(&chain, &descs)
+        };
+        let (status, data_written) = match result {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
             Err(e) => {
                 tracing::debug!("request failed: {e}");
@@ -152,9 +166,6 @@ impl Drive {
         M::Target: GuestMemory + Sized,
     {
         let mem = chain.memory();
-        if descs.len() > self.limits.seg_max as usize + 2 {
-            return Err(RequestError::Chain(format!("more than seg_max {} + 2 descriptors", self.limits.seg_max)));
-        }
         // Device-readable descriptors first, then device-writable ones.
         if let Some(i) = descs.iter().position(|d| d.write_only) {
             if descs[i..].iter().any(|d| !d.write_only) {

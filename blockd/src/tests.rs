@@ -11,6 +11,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::QueueT;
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -285,6 +286,12 @@ fn chains_longer_than_seg_max_get_ioerr() {
     assert_eq!(run(&d, &m, &descs), ok(4 * 512 + 1));
     descs.insert(1, (DATA + 0x8000, 512, W));
     assert_eq!(run(&d, &m, &descs), ioerr());
+    // Far longer: the status still goes to the chain's real last descriptor.
+    let mut descs = vec![(HDR, 16, R)];
+    descs.extend((0..12).map(|i| (DATA + i * 0x1000, 512, W)));
+    descs.push((STATUS, 1, W));
+    assert_eq!(run(&d, &m, &descs), ioerr());
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
 }
 
 #[test]
@@ -352,4 +359,22 @@ fn config_space_and_features() {
     let ro = BlockBackend::new(std::sync::Arc::new(drive(true)), 1).unwrap();
     assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
     assert_eq!(ro.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+}
+
+#[test]
+fn looping_chain_is_bounded_and_answered() {
+    let (d, m) = (drive(false), mem());
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    let vq = MockSplitQueue::new(&m, 16);
+    let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    // 0 -> 1 -> 0 -> ...: virtio-queue stops after the queue size (16) descriptors.
+    let descs = [
+        RawDescriptor::from(SplitDescriptor::new(HDR, 16, next, 1)),
+        RawDescriptor::from(SplitDescriptor::new(STATUS, 1, W | next, 0)),
+    ];
+    vq.add_desc_chains(&descs, 0).unwrap();
+    let mut q: virtio_queue::Queue = vq.create_queue().unwrap();
+    let chain = q.pop_descriptor_chain(&m).unwrap();
+    assert_eq!(d.process(chain), ioerr());
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
 }
