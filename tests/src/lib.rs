@@ -6,3 +6,5 @@ pub mod console;
 pub mod guest;
 pub mod machine;
 pub mod process;
+pub mod pyqmp;
+pub mod qmp;
