@@ -133,6 +133,14 @@ impl VhostUserBackend for BlockBackend {
         f
     }
 
+    fn acked_features(&self, features: u64) {
+        tracing::info!(
+            features = format_args!("{features:#x}"),
+            event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            "frontend acked features"
+        );
+    }
+
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
     }
