@@ -2,6 +2,7 @@
 //! thread per queue) that pop chains, hand them to [`Drive::process`] and complete them.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -43,6 +44,8 @@ struct Inner {
     event_idx: Mutex<bool>,
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     exit: Vec<(EventConsumer, EventNotifier)>,
+    /// Requests completed on each queue in this connection.
+    served: Vec<AtomicU64>,
 }
 
 impl BlockBackend {
@@ -57,6 +60,7 @@ impl BlockBackend {
                 event_idx: Mutex::new(false),
                 mem: Mutex::new(None),
                 exit,
+                served: (0..num_queues).map(|_| AtomicU64::new(0)).collect(),
             }),
         })
     }
@@ -66,6 +70,11 @@ impl BlockBackend {
         for (_, notifier) in &self.inner.exit {
             let _ = notifier.notify();
         }
+    }
+
+    /// Requests completed on each queue so far in this connection.
+    pub fn served(&self) -> Vec<u64> {
+        self.inner.served.iter().map(|c| c.load(Ordering::Relaxed)).collect()
     }
 
     /// The virtio-blk config space (little-endian `struct virtio_blk_config`).
@@ -86,7 +95,7 @@ impl BlockBackend {
         c
     }
 
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<bool> {
+    fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<bool> {
         let mem = self.inner.mem.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(mem) = mem else { return Ok(false) };
         let mem = mem.memory();
@@ -98,6 +107,9 @@ impl BlockBackend {
             let done = self.inner.drive.process(chain);
             vring.add_used(head, done.used_len).map_err(io::Error::other)?;
             used_any = true;
+            if let Some(c) = self.inner.served.get(queue) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Ok(used_any)
     }
@@ -174,7 +186,8 @@ impl VhostUserBackend for BlockBackend {
         Some((c.try_clone().ok()?, n.try_clone().ok()?))
     }
 
-    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], _thread: usize) -> io::Result<()> {
+    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], thread: usize) -> io::Result<()> {
+        // One queue per worker thread (see `queues_per_thread`): the thread index is the queue.
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
@@ -186,7 +199,7 @@ impl VhostUserBackend for BlockBackend {
             // Process until the guest adds nothing more while notifications are off.
             loop {
                 vring.disable_notification().map_err(io::Error::other)?;
-                let used = self.process_queue(vring)?;
+                let used = self.process_queue(thread, vring)?;
                 if used && vring.needs_notification().map_err(io::Error::other)? {
                     vring.signal_used_queue()?;
                 }
@@ -194,7 +207,7 @@ impl VhostUserBackend for BlockBackend {
                     break;
                 }
             }
-        } else if self.process_queue(vring)? {
+        } else if self.process_queue(thread, vring)? {
             vring.signal_used_queue()?;
         }
         Ok(())

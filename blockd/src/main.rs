@@ -152,6 +152,7 @@ fn run() -> Result<(), MainError> {
             )) => tracing::info!("frontend disconnected"),
             Err(e) => tracing::warn!("connection ended: {e}"),
         }
+        tracing::info!(served = ?backend.served(), "requests completed per queue");
         backend.stop_workers();
         drop(daemon);
         if !spec.readonly {

@@ -299,7 +299,8 @@ fn qcow2_with_backing_file_reads_backing_data_and_stays_clean() {
     run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(&base).arg(&top));
     let blockd = Blockd::start(&dir, &format!("file={},format=qcow2", top.display()));
 
-    let mut q = Qemu::boot(&dir, "1", &blockd, 1, 1);
+    // Two vCPUs, two queues: the parallel writes below reach imago from both queue workers.
+    let mut q = Qemu::boot(&dir, "1", &blockd, 2, 2);
     assert_eq!(q.ask("SZ", "R=$(cat /sys/block/vda/size)"), (64 * MIB / 512).to_string());
     // Backing data ('Z' = 0x5a) reads through the overlay.
     let z = q.ask("MZ", &fill_md5_cmd('Z'));
@@ -310,16 +311,35 @@ fn qcow2_with_backing_file_reads_backing_data_and_stays_clean() {
     // Writes go to the overlay: one over backing data, one to fresh space.
     assert_eq!(q.ask("WR", &write_cmd('Q', 2 * MIB)), "0");
     assert_eq!(q.ask("WB", &write_cmd('A', MIB)), "0");
+    // Parallel writers on both vCPUs (taskset pins them), to fresh clusters.
+    let par = format!(
+        "head -c {LEN} /dev/zero | tr '\\0' 'P' > /tmp/pp; \
+         taskset 1 dd if=/tmp/pp of=/dev/vda bs=4096 seek={} conv=fsync 2>/dev/null & \
+         taskset 2 dd if=/tmp/pp of=/dev/vda bs=4096 seek={} conv=fsync 2>/dev/null; R=$?; wait",
+        16 * MIB / 4096,
+        32 * MIB / 4096
+    );
+    assert_eq!(q.ask("PW", &par), "0");
     assert_eq!(q.ask("SY", "sync; R=$?"), "0");
     let qm = q.ask("MQ", &fill_md5_cmd('Q'));
     assert_eq!(q.ask("M2", &read_md5_cmd(2 * MIB)), qm);
     q.poweroff();
     let log = blockd.stop();
 
+    let served = log.lines().find(|l| l.contains("requests completed per queue")).unwrap_or_default().to_string();
+    let counts: Vec<u64> = served
+        .split_once("served=[")
+        .and_then(|(_, r)| r.split_once(']'))
+        .map(|(l, _)| l.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_default();
+    // blockd offers 4 queues; QEMU was told to use 2.
+    assert!(counts.len() == 4 && counts[..2].iter().all(|&n| n > 0), "both queues should serve requests:\n{log}");
     let check = run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&top));
     assert!(check.contains("No errors were found"), "qemu-img check:\n{check}\nblockd:\n{log}");
     qemu_io_expect(&top, "qcow2", b'Q', 2 * MIB);
     qemu_io_expect(&top, "qcow2", b'A', MIB);
+    qemu_io_expect(&top, "qcow2", b'P', 16 * MIB);
+    qemu_io_expect(&top, "qcow2", b'P', 32 * MIB);
     // The backing file is untouched.
     qemu_io_expect(&base, "qcow2", 0x5a, MIB);
     qemu_io_expect(&base, "qcow2", 0, 2 * MIB);
