@@ -192,13 +192,7 @@ fn flush_and_exit_on_signal(drive: Arc<Drive>) {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BLOCKD_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    daemon_logging::init_from("BLOCKD_LOG", "info");
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -11,13 +11,7 @@ mod supervise;
 use cli::Action;
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    daemon_logging::init();
 
     let mut args = Vec::new();
     for (i, a) in std::env::args_os().skip(1).enumerate() {

@@ -5,13 +5,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    daemon_logging::init();
     let config = match qmp_gateway::cli::parse(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(qmp_gateway::cli::CliError::Help) => {

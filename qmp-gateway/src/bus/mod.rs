@@ -369,7 +369,9 @@ impl Bus {
                     tracing::info!(daemon = INTERFACES[idx].daemon, owner = %o, "daemon is on the bus");
                     self.spawn_introspection(idx, o);
                 }
-                None => tracing::warn!(daemon = INTERFACES[idx].daemon, "daemon left the bus"),
+                // Info, not a warning: every normal end of the VM does this; a crash is reported
+                // by the launcher that supervises the daemon.
+                None => tracing::info!(daemon = INTERFACES[idx].daemon, "daemon left the bus"),
             }
         }
     }
