@@ -292,6 +292,7 @@ fn run_vm(
     // Dropped in reverse order: the bus is terminated before its directory goes.
     let instance = opts.machine.name.clone().unwrap_or_else(|| format!("vm{}", std::process::id()));
     let runtime = RuntimeDir::create(&instance)?;
+    let _chardev_sockets = ChardevSockets::of(&opts.machine);
     let mut bus = PrivateBus::start(runtime.path())?;
     let mut gateway = gateway_bin.map(|bin| Gateway::new(bin, &bus.address, &instance, &opts.qmp));
     let (ready_r, ready_w) =
@@ -461,6 +462,43 @@ impl ReadyPipe {
     }
 }
 
+/// Removes those of `paths` that exist and are sockets (never a user's file).
+fn remove_socket_files(paths: &[PathBuf], what: &str) {
+    use std::os::unix::fs::FileTypeExt;
+    for s in paths {
+        if std::fs::symlink_metadata(s).is_ok_and(|m| m.file_type().is_socket()) {
+            if let Err(e) = std::fs::remove_file(s) {
+                tracing::warn!("cannot remove the {what} socket {}: {e}", s.display());
+            }
+        }
+    }
+}
+
+/// vmm-core's unix-socket chardevs, removed when the launcher ends: vmm-core removes them
+/// itself on a normal exit, but not when it is killed.
+struct ChardevSockets(Vec<PathBuf>);
+
+impl ChardevSockets {
+    fn of(machine: &vm_config::MachineConfig) -> Self {
+        ChardevSockets(
+            machine
+                .serial
+                .iter()
+                .filter_map(|c| match &c.backend {
+                    vm_config::ChardevBackend::UnixServer { path, .. } => Some(path.clone()),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for ChardevSockets {
+    fn drop(&mut self) {
+        remove_socket_files(&self.0, "serial");
+    }
+}
+
 /// The QMP gateway of the instance: started once vmm-core is ready, restarted when it exits.
 struct Gateway {
     program: PathBuf,
@@ -499,16 +537,8 @@ impl Gateway {
         }
     }
 
-    /// Removes those of its unix sockets that exist (and are sockets: never a user's file).
     fn remove_sockets(&self) {
-        use std::os::unix::fs::FileTypeExt;
-        for s in &self.sockets {
-            if std::fs::symlink_metadata(s).is_ok_and(|m| m.file_type().is_socket()) {
-                if let Err(e) = std::fs::remove_file(s) {
-                    tracing::warn!("cannot remove the QMP socket {}: {e}", s.display());
-                }
-            }
-        }
+        remove_socket_files(&self.sockets, "QMP");
     }
 
     fn start(&mut self) {

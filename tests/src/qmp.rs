@@ -247,12 +247,6 @@ impl QmpVm {
     /// scratch directory), no serial or QMP socket file, no runtime directory.
     pub fn assert_cleaned_up(&self, core: i32) {
         assert!(!self.serial.exists(), "serial socket {} was not removed", self.serial.display());
-        self.assert_cleaned_up_but_serial(core);
-    }
-
-    /// [`QmpVm::assert_cleaned_up`] without the serial socket (vmm-core's to remove, which a
-    /// vmm-core killed with SIGKILL cannot do).
-    pub fn assert_cleaned_up_but_serial(&self, core: i32) {
         assert!(wait_gone(core, Duration::from_secs(2)), "vmm-core (pid {core}) outlived flotilla");
         let left = processes_mentioning(self.marker());
         assert!(left.is_empty(), "processes left running: {left:?}");
