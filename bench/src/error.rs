@@ -32,6 +32,11 @@ pub enum BenchError {
         what: String,
         detail: String,
     },
+    /// A monitor (QMP) or bus peer that did not answer as expected.
+    Qmp {
+        what: String,
+        detail: String,
+    },
 }
 
 impl fmt::Display for BenchError {
@@ -39,7 +44,7 @@ impl fmt::Display for BenchError {
         match self {
             BenchError::Usage(m) | BenchError::Setup(m) => f.write_str(m),
             BenchError::Spawn { what, .. } => write!(f, "starting {what}"),
-            BenchError::Guest { what, detail } => write!(f, "{what}: {detail}"),
+            BenchError::Guest { what, detail } | BenchError::Qmp { what, detail } => write!(f, "{what}: {detail}"),
             BenchError::Io { what, .. } => f.write_str(what),
             BenchError::Smaps { pid, .. } => write!(f, "parsing /proc/{pid}/smaps"),
             BenchError::GuestRam { what, detail } => write!(f, "finding the guest RAM of {what}: {detail}"),

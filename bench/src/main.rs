@@ -1,8 +1,12 @@
 //! flotilla-bench: Flotilla against qemu-system-x86_64, side by side in one run, on the same
 //! test guest (see bench/README.md). JSON report on stdout, a short table on stderr.
 
+mod dbusprobe;
 mod error;
 mod procfs;
+mod qmp;
+mod qmpreport;
+mod qmprun;
 mod report;
 mod runs;
 mod smaps;
@@ -17,16 +21,20 @@ use std::time::Duration;
 use serde_json::json;
 
 use error::BenchError;
+use qmpreport::QmpResults;
+use qmprun::QmpSettings;
 use report::{BootSetup, MemSetup, Setup, VariantResults};
 use runs::{Variant, QEMU_VARIANTS};
 use vmproc::Spec;
 
 const USAGE: &str = "\
-usage: flotilla-bench [all|boot|memory] [options]
+usage: flotilla-bench [all|boot|memory|qmp] [options]
 
-  all (default)   boot times, then memory overhead
+  all (default)   boot times, memory overhead, then QMP round trips
   boot            process start -> the guest's first serial line and READY, N interleaved runs
   memory          RSS/PSS of the VMM's processes minus guest RAM, guest booted to READY
+  qmp             QMP round trips (latency p50/p99, requests/s) through Flotilla's gateway and
+                  QEMU's monitor, and the D-Bus calls behind Flotilla's
 
 options:
   --runs N             boot runs per variant (default 10)
@@ -40,12 +48,22 @@ options:
   --qemu-variants L    comma-separated QEMU set (default q35,q35-qboot,microvm; q35 is always run)
   --timeout SECS       limit for one boot to READY (default 30)
   --settle-ms MS       wait after READY before sampling memory (default 500)
+  --qmp-rounds N       QMP rounds; each boots every VMM once (default 5)
+  --qmp-requests N     timed round trips per command and mode (default 2000)
+  --qmp-warmup N       untimed round trips before each timed series (default 200)
+  --qmp-clients N      concurrent clients, one -qmp socket each (default 4)
+  --qmp-depth N        requests kept unanswered in the pipelined series (default 8)
+  --qmp-commands L     comma-separated commands without arguments (default
+                       query-status,query-commands)
+  --no-dbus-probe      skip timing the D-Bus calls behind Flotilla's gateway
+  --pin-cpu N          run the bench and every VM on CPU N only (default: unpinned)
 ";
 
 #[derive(Debug, Clone, PartialEq)]
 struct Options {
     boot: bool,
     memory: bool,
+    qmp: bool,
     runs: usize,
     warmup: usize,
     mem_runs: usize,
@@ -56,6 +74,9 @@ struct Options {
     qemu_variants: Vec<String>,
     timeout: Duration,
     settle: Duration,
+    qmp_rounds: usize,
+    qmp_settings: QmpSettings,
+    pin_cpu: Option<usize>,
 }
 
 impl Default for Options {
@@ -63,6 +84,7 @@ impl Default for Options {
         Options {
             boot: true,
             memory: true,
+            qmp: true,
             runs: 10,
             warmup: 1,
             mem_runs: 3,
@@ -73,6 +95,17 @@ impl Default for Options {
             qemu_variants: QEMU_VARIANTS.iter().map(|v| v.0.to_string()).collect(),
             timeout: Duration::from_secs(30),
             settle: Duration::from_millis(500),
+            qmp_rounds: 5,
+            qmp_settings: QmpSettings {
+                commands: vec!["query-status".into(), "query-commands".into()],
+                requests: 2000,
+                warmup: 200,
+                clients: 4,
+                depth: 8,
+                probe: true,
+                boot_timeout: Duration::from_secs(30),
+            },
+            pin_cpu: None,
         }
     }
 }
@@ -98,10 +131,11 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, BenchError> {
         }
         match a.as_str() {
             "-h" | "--help" | "help" => return Ok(None),
-            "all" | "boot" | "memory" if !seen_part => {
+            "all" | "boot" | "memory" | "qmp" if !seen_part => {
                 seen_part = true;
-                o.boot = a != "memory";
-                o.memory = a != "boot";
+                o.boot = a == "all" || a == "boot";
+                o.memory = a == "all" || a == "memory";
+                o.qmp = a == "all" || a == "qmp";
             }
             "--runs" => o.runs = num("--runs", value("--runs")?, 1)?,
             "--warmup" => o.warmup = num("--warmup", value("--warmup")?, 0)?,
@@ -126,9 +160,27 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, BenchError> {
             }
             "--timeout" => o.timeout = Duration::from_secs(num("--timeout", value("--timeout")?, 1)?),
             "--settle-ms" => o.settle = Duration::from_millis(num("--settle-ms", value("--settle-ms")?, 0)?),
+            "--qmp-rounds" => o.qmp_rounds = num("--qmp-rounds", value("--qmp-rounds")?, 1)?,
+            "--qmp-requests" => o.qmp_settings.requests = num("--qmp-requests", value("--qmp-requests")?, 1)?,
+            "--qmp-warmup" => o.qmp_settings.warmup = num("--qmp-warmup", value("--qmp-warmup")?, 0)?,
+            "--qmp-clients" => o.qmp_settings.clients = num("--qmp-clients", value("--qmp-clients")?, 1)?,
+            "--qmp-depth" => o.qmp_settings.depth = num("--qmp-depth", value("--qmp-depth")?, 1)?,
+            "--qmp-commands" => {
+                let list = value("--qmp-commands")?;
+                let cmds: Vec<String> =
+                    list.split(',').map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect();
+                let bad = |c: &String| !c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_');
+                if cmds.is_empty() || cmds.iter().any(bad) {
+                    return Err(usage_error(format!("--qmp-commands: '{list}' is not a list of command names")));
+                }
+                o.qmp_settings.commands = cmds;
+            }
+            "--no-dbus-probe" => o.qmp_settings.probe = false,
+            "--pin-cpu" => o.pin_cpu = Some(num("--pin-cpu", value("--pin-cpu")?, 0)?),
             other => return Err(usage_error(format!("unknown argument '{other}'"))),
         }
     }
+    o.qmp_settings.boot_timeout = o.timeout;
     Ok(Some(o))
 }
 
@@ -159,7 +211,7 @@ fn find_qemu(o: &Options) -> Result<PathBuf, BenchError> {
     }
 }
 
-/// The flotilla launcher and the vmm-core beside it.
+/// The flotilla launcher and the vmm-core (and, for the QMP part, qmp-gateway) beside it.
 fn find_flotilla(o: &Options) -> Result<(PathBuf, PathBuf), BenchError> {
     let flotilla = match &o.flotilla {
         Some(p) => p.clone(),
@@ -170,7 +222,9 @@ fn find_flotilla(o: &Options) -> Result<(PathBuf, PathBuf), BenchError> {
             .join("flotilla"),
     };
     let vmm_core = flotilla.parent().unwrap_or(Path::new(".")).join("vmm-core");
-    for p in [&flotilla, &vmm_core] {
+    let gateway = runs::gateway_beside(&vmm_core);
+    let needed = if o.qmp { vec![&flotilla, &vmm_core, &gateway] } else { vec![&flotilla, &vmm_core] };
+    for p in needed {
         if !p.is_file() {
             return Err(BenchError::Setup(format!(
                 "{} is missing: build the release binaries first (cargo build --release --workspace), \
@@ -216,6 +270,52 @@ fn host_info(qemu: &Path, flotilla: &Path, vmm_core: &Path) -> serde_json::Value
         "qemu_version": version,
         "flotilla": flotilla.display().to_string(),
         "vmm_core": vmm_core.display().to_string(),
+        "build": build_info(&[flotilla, vmm_core, &runs::gateway_beside(vmm_core)]),
+    })
+}
+
+/// What was measured: the bench's own build profile, the source revision and the Rust
+/// compiler (as found now), and the binaries' sizes and times.
+fn build_info(binaries: &[&Path]) -> serde_json::Value {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."));
+    let run = |label: &str, program: &str, args: &[&str]| {
+        let spec = Spec {
+            label: label.into(),
+            program: program.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: vec![],
+        };
+        vmproc::output_lines(&spec, Duration::from_secs(10)).map_err(|e| error::chain(&e))
+    };
+    let git = |args: &[&str]| {
+        let mut a = vec!["-C", src.to_str().unwrap_or(".")];
+        a.extend_from_slice(args);
+        run("git", "git", &a)
+    };
+    let commit = git(&["rev-parse", "HEAD"]).map(|l| l.join(""));
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).map(|l| !l.is_empty());
+    let rustc = run("rustc -V", "rustc", &["-V"]).map(|l| l.join(" "));
+    let bins: Vec<serde_json::Value> = binaries
+        .iter()
+        .map(|p| {
+            let m = p.metadata().ok();
+            let modified = m
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs());
+            json!({"path": p.display().to_string(), "bytes": m.map(|m| m.len()), "modified_unix": modified})
+        })
+        .collect();
+    let or_err = |r: Result<serde_json::Value, String>| r.unwrap_or_else(|e| json!(format!("unknown ({e})")));
+    json!({
+        "bench_profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "cargo_profile_release": "opt-level 3, debug = 1 (line tables; Cargo.toml [profile.release])",
+        "source": src.display().to_string(),
+        "git_commit": or_err(commit.map(|c| json!(c))),
+        "git_tracked_changes": or_err(dirty.map(|d| json!(d))),
+        "rustc_on_path": or_err(rustc.map(|r| json!(r))),
+        "binaries": bins,
     })
 }
 
@@ -237,6 +337,9 @@ fn run(o: &Options, command: Vec<String>) -> Result<(serde_json::Value, String, 
         )));
     }
     vmproc::become_subreaper()?;
+    if let Some(cpu) = o.pin_cpu {
+        vmproc::pin_to_cpu(cpu)?;
+    }
 
     let mut variants = vec![Variant::flotilla(flotilla.clone(), &vmm_core)];
     variants.extend(o.qemu_variants.iter().filter_map(|k| Variant::qemu(qemu.clone(), k)));
@@ -248,11 +351,13 @@ fn run(o: &Options, command: Vec<String>) -> Result<(serde_json::Value, String, 
         })
         .collect();
     eprintln!("flotilla-bench: {} vs {}", flotilla.display(), qemu.display());
-    let host = host_info(&qemu, &flotilla, &vmm_core);
+    let mut host = host_info(&qemu, &flotilla, &vmm_core);
+    host["pinned_to_cpu"] = json!(o.pin_cpu);
 
     // Warm-up boots: page cache, and whether the optional QEMU variants work here at all.
     let mut unavailable = Vec::new();
-    for _ in 0..o.warmup.max(1) {
+    let warmups = if o.boot || o.memory { o.warmup.max(1) } else { 0 };
+    for _ in 0..warmups {
         let mut keep = Vec::new();
         for r in results.drain(..) {
             match runs::run_boot(&r.variant, o.boot_mib, &elf, o.timeout) {
@@ -323,7 +428,87 @@ fn run(o: &Options, command: Vec<String>) -> Result<(serde_json::Value, String, 
         }),
         unavailable,
     };
-    Ok((report::to_json(&setup, &results), report::table(&setup, &results), failed))
+    if !(o.boot || o.memory) {
+        results.clear();
+    }
+    let mut json = report::to_json(&setup, &results);
+    let mut table = report::table(&setup, &results);
+    if o.qmp {
+        let (qmp_results, baseline, qmp_failed) = run_qmp(o, &flotilla, &vmm_core, &qemu, &elf)?;
+        failed |= qmp_failed;
+        json["qmp"] = qmpreport::to_json(&o.qmp_settings, o.qmp_rounds, o.boot_mib, &qmp_results, &baseline);
+        for r in qmp_results.iter().filter(|r| !r.failures.is_empty()) {
+            json["failures"][format!("qmp:{}", r.variant.key)] = json!(r.failures);
+        }
+        table += &qmpreport::table(&o.qmp_settings, o.qmp_rounds, &qmp_results, &baseline);
+    }
+    Ok((json, table, failed))
+}
+
+/// The QMP part: Flotilla and QEMU q35, each booted once per round (the start rotating), with
+/// their sockets in a directory of the bench's, removed at the end.
+fn run_qmp(
+    o: &Options,
+    flotilla: &Path,
+    vmm_core: &Path,
+    qemu: &Path,
+    elf: &Path,
+) -> Result<(Vec<QmpResults>, qmpreport::Baseline, bool), BenchError> {
+    let s = &o.qmp_settings;
+    let dir = std::env::temp_dir().join(format!("flotilla-bench-qmp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| BenchError::Io { what: format!("creating {}", dir.display()), source: e })?;
+    let variants = [Variant::flotilla(flotilla.into(), vmm_core), Variant::qemu(qemu.into(), "q35").expect("known")];
+    let mut results: Vec<QmpResults> = variants
+        .into_iter()
+        .map(|v| {
+            let mut spec = v.spec(o.boot_mib, elf);
+            spec.args.extend(qmprun::qmp_args(&qmprun::socket_paths(&dir, &v.key, s.clients)));
+            QmpResults::new(v, spec.argv())
+        })
+        .collect();
+    let mut failed = false;
+    let mut baseline = qmpreport::Baseline::default();
+    let cross = qmprun::two_cpus();
+    for round in 0..o.qmp_rounds {
+        let mut line = format!("qmp round {}/{}:", round + 1, o.qmp_rounds);
+        match qmprun::pingpong(s.requests, s.warmup, None) {
+            Ok(v) => baseline.any_cpu.extend(stats::latency(&v)),
+            Err(e) => eprintln!("flotilla-bench: ping-pong baseline: {}", error::chain(&e)),
+        }
+        if let Some(cpus) = cross {
+            match qmprun::pingpong(s.requests, s.warmup, Some(cpus)) {
+                Ok(v) => baseline.cross_cpu.extend(stats::latency(&v)),
+                Err(e) => eprintln!("flotilla-bench: cross-CPU ping-pong baseline: {}", error::chain(&e)),
+            }
+            baseline.cpus = Some(cpus);
+        }
+        for i in rotated(results.len(), round) {
+            let r = &mut results[i];
+            match qmprun::run_qmp(&r.variant, o.boot_mib, elf, &dir, s) {
+                Ok(sample) => {
+                    let seq = sample.commands.first().and_then(|c| c.modes.first()).map(|(_, m)| m.latency_us);
+                    if let (Some(l), Some(c)) = (seq, s.commands.first()) {
+                        line += &format!(" {} {c} p50 {:.1} µs p99 {:.1} µs", r.variant.key, l.p50, l.p99);
+                    }
+                    if let Some(f) = sample.foreign_cpus {
+                        line += &format!(" (others busy {f:.2} CPU)");
+                    }
+                    line += ";";
+                    r.samples.push(sample);
+                }
+                Err(e) => {
+                    failed = true;
+                    let msg = error::chain(&e);
+                    eprintln!("flotilla-bench: {}: QMP run failed: {msg}", r.variant.key);
+                    r.failures.push(format!("qmp round {}: {msg}", round + 1));
+                }
+            }
+        }
+        eprintln!("{line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((results, baseline, failed))
 }
 
 fn main() -> ExitCode {
@@ -369,7 +554,9 @@ mod tests {
     fn defaults() {
         let o = parse_args(&[]).unwrap().unwrap();
         assert_eq!(o, Options::default());
-        assert!(o.boot && o.memory);
+        assert!(o.boot && o.memory && o.qmp);
+        assert_eq!((o.qmp_rounds, o.qmp_settings.requests, o.qmp_settings.warmup), (5, 2000, 200));
+        assert_eq!(o.qmp_settings.commands, ["query-status", "query-commands"]);
         assert_eq!((o.runs, o.mem_mib, o.boot_mib), (10, 256, 128));
     }
 
@@ -381,14 +568,39 @@ mod tests {
         assert_eq!(o.qemu_variants, ["q35", "microvm"]);
         assert_eq!(o.timeout, Duration::from_secs(5));
         let o = parse_args(&args("memory --mem 512")).unwrap().unwrap();
-        assert!(!o.boot && o.memory);
+        assert!(!o.boot && o.memory && !o.qmp);
         assert_eq!(o.mem_mib, 512);
+        let o = parse_args(&args(
+            "qmp --qmp-rounds 2 --qmp-requests 50 --qmp-warmup 0 --qmp-clients 2 --qmp-depth 4 \
+             --qmp-commands query-kvm,query-status --no-dbus-probe --timeout 7 --pin-cpu 1",
+        ))
+        .unwrap()
+        .unwrap();
+        assert!(!o.boot && !o.memory && o.qmp);
+        assert_eq!(o.qmp_rounds, 2);
+        let s = &o.qmp_settings;
+        assert_eq!((s.requests, s.warmup, s.clients, s.depth, s.probe), (50, 0, 2, 4, false));
+        assert_eq!(s.commands, ["query-kvm", "query-status"]);
+        assert_eq!(s.boot_timeout, Duration::from_secs(7));
+        assert_eq!(o.pin_cpu, Some(1));
         assert!(parse_args(&args("--help")).unwrap().is_none());
     }
 
     #[test]
     fn bad_arguments() {
-        for bad in ["--runs 0", "--runs", "--runs x", "--qemu-variants pc", "--frobnicate", "boot memory", "--mem 8"] {
+        for bad in [
+            "--runs 0",
+            "--runs",
+            "--runs x",
+            "--qemu-variants pc",
+            "--frobnicate",
+            "boot memory",
+            "qmp boot",
+            "--mem 8",
+            "--qmp-clients 0",
+            "--qmp-commands ,",
+            "--qmp-commands query\"status",
+        ] {
             assert!(matches!(parse_args(&args(bad)), Err(BenchError::Usage(_))), "{bad}");
         }
     }

@@ -187,7 +187,7 @@ pub fn to_json(setup: &Setup, results: &[VariantResults]) -> Value {
     let forced: Map<String, Value> = results.iter().map(|r| (r.variant.key.clone(), json!(r.forced_stops()))).collect();
     json!({
         "bench": "flotilla-bench",
-        "report_version": 1,
+        "report_version": 2,
         "command": setup.command,
         "host": setup.host,
         "guest_elf": setup.guest_elf,

@@ -50,6 +50,11 @@ pub const QEMU_VARIANTS: &[(&str, &str, &str, &[&str])] = &[
     ("microvm", "QEMU -M microvm (qboot firmware)", "microvm", &[]),
 ];
 
+/// Where the launcher is told to find qmp-gateway: beside vmm-core (target/release/).
+pub fn gateway_beside(vmm_core: &Path) -> PathBuf {
+    vmm_core.with_file_name("qmp-gateway")
+}
+
 impl Variant {
     pub fn flotilla(program: PathBuf, vmm_core: &Path) -> Variant {
         Variant {
@@ -61,6 +66,7 @@ impl Variant {
             extra_args: Vec::new(),
             env: vec![
                 ("FLOTILLA_VMM_CORE".into(), vmm_core.display().to_string()),
+                ("FLOTILLA_QMP_GATEWAY".into(), gateway_beside(vmm_core).display().to_string()),
                 ("RUST_LOG".into(), MARKER_LOG_FILTER.into()),
                 ("NO_COLOR".into(), "1".into()),
             ],

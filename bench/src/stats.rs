@@ -5,6 +5,8 @@
 //!   count is even;
 //! - p90: nearest rank, the sample at rank `ceil(0.9 * n)` (1-based) of the sorted set, so it is
 //!   always one of the measured values (with 10 samples, the 9th smallest).
+//! - latency series ([`latency`]): p50, p90, p99 by the same nearest rank (p50 of 2000 samples
+//!   is the 1000th smallest), so each is a measured round trip.
 
 use serde_json::{json, Value};
 
@@ -40,6 +42,57 @@ pub fn summarize(samples: &[f64]) -> Option<Summary> {
 /// The 1-based nearest rank of the `pct`th percentile among `n` sorted samples (n > 0).
 fn nearest_rank(n: usize, pct: usize) -> usize {
     (pct * n).div_ceil(100).clamp(1, n)
+}
+
+/// A latency series (any unit; the report uses microseconds).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Latency {
+    pub n: usize,
+    pub min: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// Summarises a latency series; `None` when empty (or one sample is not a number).
+pub fn latency(samples: &[f64]) -> Option<Latency> {
+    if samples.is_empty() || samples.iter().any(|s| s.is_nan()) {
+        return None;
+    }
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    let at = |pct| s[nearest_rank(n, pct) - 1];
+    Some(Latency {
+        n,
+        min: s[0],
+        p50: at(50),
+        p90: at(90),
+        p99: at(99),
+        max: s[n - 1],
+        mean: s.iter().sum::<f64>() / n as f64,
+    })
+}
+
+impl Latency {
+    pub fn to_json(self, places: i32) -> Value {
+        json!({
+            "n": self.n,
+            "p50": round(self.p50, places),
+            "p90": round(self.p90, places),
+            "p99": round(self.p99, places),
+            "min": round(self.min, places),
+            "max": round(self.max, places),
+            "mean": round(self.mean, places),
+        })
+    }
+}
+
+/// The median of some values (`None` when there are none).
+pub fn median(values: &[f64]) -> Option<f64> {
+    summarize(values).map(|s| s.median)
 }
 
 /// `a / b`, or `None` when `b` is zero (a ratio the report cannot state).
@@ -111,6 +164,23 @@ mod tests {
     fn nothing_to_summarise() {
         assert_eq!(summarize(&[]), None);
         assert_eq!(summarize(&[1.0, f64::NAN]), None);
+    }
+
+    #[test]
+    fn latency_percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=2000).rev().map(f64::from).collect();
+        let l = latency(&v).unwrap();
+        assert_eq!((l.n, l.p50, l.p90, l.p99, l.min, l.max), (2000, 1000.0, 1800.0, 1980.0, 1.0, 2000.0));
+        assert_eq!(l.mean, 1000.5);
+        let l = latency(&[3.0]).unwrap();
+        assert_eq!((l.p50, l.p99), (3.0, 3.0));
+        // 10 samples: p99 is the largest, p50 the 5th.
+        let ten: Vec<f64> = (1..=10).map(f64::from).collect();
+        let l = latency(&ten).unwrap();
+        assert_eq!((l.p50, l.p99), (5.0, 10.0));
+        assert_eq!(latency(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(latency(&ten).unwrap().to_json(1)["p90"], 9.0);
     }
 
     #[test]

@@ -38,6 +38,25 @@ pub fn become_subreaper() -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Pins the bench (this thread, so every thread and process started after it) to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> Result<(), BenchError> {
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+        return Err(BenchError::Setup(format!("--pin-cpu {cpu}: no such CPU")));
+    }
+    // SAFETY: `cpu` is within the set's size (checked above).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: a valid cpu_set_t of the size passed, for the calling thread (0).
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(BenchError::Io {
+            what: format!("pinning the bench to CPU {cpu}"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -352,6 +371,27 @@ pub fn first_line(spec: &Spec, want: impl Fn(&str) -> bool, timeout: Duration) -
     Ok(line)
 }
 
+/// Runs a short command to its end (its stdout closed) within `timeout`; returns its stdout
+/// lines.
+pub fn output_lines(spec: &Spec, timeout: Duration) -> Result<Vec<String>, BenchError> {
+    let mut p = VmProcess::spawn(spec)?;
+    let deadline = p.started + timeout;
+    loop {
+        match p.stdout.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((_, line)) => p.stdout_seen.push(line),
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(BenchError::Guest {
+                    what: format!("running {}", p.label),
+                    detail: format!("not done within {timeout:?}\n{}", p.tail()),
+                })
+            }
+        }
+    }
+    p.stop()?;
+    Ok(std::mem::take(&mut p.stdout_seen))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,6 +453,20 @@ mod tests {
             )
             .unwrap();
         assert_eq!(v, 7);
+    }
+
+    #[test]
+    fn pinning_a_thread() {
+        // Runs in a test thread of its own, so the pin does not outlive the test.
+        pin_to_cpu(0).unwrap();
+        assert!(pin_to_cpu(1 << 20).is_err());
+    }
+
+    #[test]
+    fn output_of_a_short_command() {
+        assert_eq!(output_lines(&sh("echo a; echo b"), Duration::from_secs(10)).unwrap(), ["a", "b"]);
+        assert!(output_lines(&sh("true"), Duration::from_secs(10)).unwrap().is_empty());
+        assert!(output_lines(&sh("exec sleep 30"), Duration::from_millis(200)).is_err());
     }
 
     #[test]
