@@ -19,12 +19,17 @@ use std::time::{Duration, Instant};
 /// Environment variable: a directory with prebuilt `flotilla` and `vmm-core` (skips the build).
 pub const BIN_DIR_ENV: &str = "FLOTILLA_BIN_DIR";
 
-/// Paths of the two executables under test.
+/// Paths of the executables under test.
 #[derive(Debug, Clone)]
 pub struct Binaries {
     pub flotilla: PathBuf,
     pub vmm_core: PathBuf,
+    pub qmp_gateway: PathBuf,
+    pub blockd: PathBuf,
 }
+
+/// The packages (each with a binary of the same name) that [`binaries`] builds.
+const PACKAGES: [&str; 4] = ["flotilla", "vmm-core", "qmp-gateway", "blockd"];
 
 /// The directory the binaries of this test executable's profile are built into.
 fn profile_dir() -> PathBuf {
@@ -37,7 +42,9 @@ fn profile_dir() -> PathBuf {
     }
 }
 
-/// `flotilla` and `vmm-core`, built (once per test process) if needed; see the module docs.
+/// `flotilla`, `vmm-core`, `qmp-gateway` and `blockd`, built (once per test process, in one
+/// cargo call) if needed; see the module docs. With `FLOTILLA_BIN_DIR`, `flotilla` and
+/// `vmm-core` must be there; the others only for the tests that run them.
 pub fn binaries() -> &'static Binaries {
     static BINS: OnceLock<Binaries> = OnceLock::new();
     BINS.get_or_init(|| {
@@ -49,7 +56,12 @@ pub fn binaries() -> &'static Binaries {
                 dir
             }
         };
-        let b = Binaries { flotilla: dir.join("flotilla"), vmm_core: dir.join("vmm-core") };
+        let b = Binaries {
+            flotilla: dir.join("flotilla"),
+            vmm_core: dir.join("vmm-core"),
+            qmp_gateway: dir.join("qmp-gateway"),
+            blockd: dir.join("blockd"),
+        };
         for p in [&b.flotilla, &b.vmm_core] {
             assert!(p.is_file(), "{} is missing (built into {}?)", p.display(), dir.display());
         }
@@ -61,9 +73,11 @@ fn build_binaries(profile_dir: &Path) {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace)
-        .args(["build", "--quiet", "-p", "flotilla", "-p", "vmm-core"])
-        .arg("--manifest-path")
+    cmd.current_dir(workspace).args(["build", "--quiet"]);
+    for p in PACKAGES {
+        cmd.args(["-p", p]);
+    }
+    cmd.arg("--manifest-path")
         .arg(workspace.join("Cargo.toml"));
     let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
     match profile.as_str() {
@@ -89,16 +103,16 @@ fn build_binaries(profile_dir: &Path) {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run cargo to build flotilla and vmm-core: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run cargo to build {PACKAGES:?}: {e}"));
     assert!(
         out.status.success(),
-        "cargo build -p flotilla -p vmm-core failed ({}):\n{}",
+        "cargo build of {PACKAGES:?} failed ({}):\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     let took = started.elapsed();
     if took > Duration::from_secs(5) {
-        eprintln!("flotilla-tests: built flotilla and vmm-core in {took:.1?}");
+        eprintln!("flotilla-tests: built {PACKAGES:?} in {took:.1?}");
     }
 }
 

@@ -13,7 +13,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -23,7 +22,6 @@ use crate::guest::guest_elf;
 use crate::machine::TempDir;
 use crate::process::{
     binaries, children, describe, processes_mentioning, vmm_core_child, wait_gone, wait_timeout, Collector, Reaper,
-    BIN_DIR_ENV,
 };
 
 /// Booting to READY.
@@ -33,62 +31,11 @@ pub const REPLY: Duration = Duration::from_secs(10);
 /// flotilla's exit after the VM ended.
 pub const EXIT: Duration = Duration::from_secs(15);
 
-/// The directory of this test executable's profile (`<target>/<profile>`).
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let deps = exe.parent().expect("test executable has a directory");
-    if deps.file_name().is_some_and(|n| n == "deps") {
-        deps.parent().expect("deps has a parent").to_path_buf()
-    } else {
-        deps.to_path_buf()
-    }
-}
-
-/// The `qmp-gateway` executable, built once per test process if needed.
+/// The `qmp-gateway` executable (built with the others by [`binaries`]).
 pub fn gateway_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(d) = std::env::var_os(BIN_DIR_ENV).filter(|v| !v.is_empty()) {
-            let p = PathBuf::from(d).join("qmp-gateway");
-            assert!(p.is_file(), "{} is missing ({BIN_DIR_ENV} is set)", p.display());
-            return p;
-        }
-        let dir = profile_dir();
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace)
-            .args(["build", "--quiet", "-p", "qmp-gateway", "--bin", "qmp-gateway"])
-            .arg("--manifest-path")
-            .arg(workspace.join("Cargo.toml"));
-        match dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug") {
-            "debug" => {}
-            "release" => {
-                cmd.arg("--release");
-            }
-            other => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        if let Some(target_dir) = dir.parent() {
-            let triple = target_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if triple.contains('-') && target_dir.parent().is_some_and(|p| p.join("CACHEDIR.TAG").exists()) {
-                cmd.arg("--target").arg(triple).arg("--target-dir").arg(target_dir.parent().expect("parent"));
-            } else {
-                cmd.arg("--target-dir").arg(target_dir);
-            }
-        }
-        let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run cargo: {e}"));
-        assert!(
-            out.status.success(),
-            "cargo build -p qmp-gateway failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let p = dir.join("qmp-gateway");
-        assert!(p.is_file(), "{} is missing after the build", p.display());
-        p
-    })
+    let p = &binaries().qmp_gateway;
+    assert!(p.is_file(), "{} is missing", p.display());
+    p
 }
 
 /// A free loopback TCP port (bound and released: another process could take it in between,

@@ -60,33 +60,11 @@ fn kit() -> &'static Kit {
     })
 }
 
-/// The blockd executable, built into this test's target directory (`FLOTILLA_BIN_DIR` names
-/// a directory holding a prebuilt one instead).
+/// The blockd executable (built with the others by `process::binaries`).
 fn blockd_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(dir) = std::env::var_os("FLOTILLA_BIN_DIR").filter(|v| !v.is_empty()) {
-            return PathBuf::from(dir).join("blockd");
-        }
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf();
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace");
-        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cmd.current_dir(workspace).args(["build", "--quiet", "-p", "blockd", "--target-dir"]);
-        cmd.arg(profile_dir.parent().expect("target dir"));
-        match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => {}
-            Some("release") => {
-                cmd.arg("--release");
-            }
-            Some(other) => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        let out = cmd.stdin(Stdio::null()).output().expect("running cargo build -p blockd");
-        assert!(out.status.success(), "cargo build -p blockd failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        profile_dir.join("blockd")
-    })
+    let p = &flotilla_tests::process::binaries().blockd;
+    assert!(p.is_file(), "{} is missing", p.display());
+    p
 }
 
 /// A running blockd serving one drive on `dir/vub.sock`.
