@@ -50,6 +50,121 @@ pub struct MachineConfig {
     pub no_shutdown: bool,
     /// `-no-reboot`: a guest reset (or triple fault) exits instead of resetting.
     pub no_reboot: bool,
+    /// virtio-pci functions backed by vhost-user daemons, in PCI slot order.
+    #[serde(default)]
+    pub vhost_user_devices: Vec<VhostUserDevice>,
+}
+
+/// The virtio device types a vhost-user backend can serve here (virtio 1.x device ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VirtioKind {
+    /// virtio-blk, device id 2 (`-device virtio-blk-pci` / `vhost-user-blk-pci`).
+    Block,
+    /// virtio-balloon, device id 5 (`-device virtio-balloon-pci`, `-balloon virtio`).
+    Balloon,
+}
+
+impl VirtioKind {
+    /// The virtio device id (virtio 1.2 section 5).
+    pub fn device_id(self) -> u16 {
+        match self {
+            VirtioKind::Block => 2,
+            VirtioKind::Balloon => 5,
+        }
+    }
+}
+
+/// A virtio-pci device whose device model lives in a vhost-user backend process. vmm-core is
+/// the frontend: it connects to `socket` (the backend listens), and reconnects whenever the
+/// backend goes away; the PCI function exists from the start either way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostUserDevice {
+    /// The qdev id (`-device ...,id=`), reported by query-pci; QEMU-style default when not given.
+    pub id: String,
+    pub kind: VirtioKind,
+    /// The backend's listening vhost-user socket.
+    pub socket: PathBuf,
+    /// Virtqueues offered to the guest (the backend may support more).
+    pub num_queues: u16,
+    /// Maximum entries per virtqueue.
+    pub queue_size: u16,
+    /// PCI slot on bus 0 (`addr=`); the first free slot when None.
+    pub pci_slot: Option<u8>,
+}
+
+/// Image formats blockd opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriveFormat {
+    Raw,
+    Qcow2,
+}
+
+/// `-drive cache=`: how the image file is opened and when writes reach the disk (QEMU's
+/// meanings: `none` and `directsync` use O_DIRECT; `writethrough` and `directsync` flush after
+/// every write; `unsafe` ignores flushes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheMode {
+    Writeback,
+    None,
+    Writethrough,
+    Directsync,
+    Unsafe,
+}
+
+/// `-drive werror=` / `rerror=`: what a failed request does (QEMU's BlockdevOnError).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorAction {
+    /// Fail the request to the guest.
+    Report,
+    /// Complete it as if it had succeeded.
+    Ignore,
+    /// Stop the VM (run state `io-error`); `cont` retries.
+    Stop,
+    /// Stop on ENOSPC, report anything else.
+    Enospc,
+}
+
+/// One `-drive` as blockd serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveConfig {
+    /// The drive id: query-block's `device` (`virtio0`... for `if=virtio` without `id=`).
+    pub id: String,
+    pub file: PathBuf,
+    pub format: DriveFormat,
+    pub readonly: bool,
+    pub cache: CacheMode,
+    /// QEMU's default is `enospc`.
+    pub werror: ErrorAction,
+    /// QEMU's default is `report`.
+    pub rerror: ErrorAction,
+    /// `serial=`: what VIRTIO_BLK_T_GET_ID answers (the drive id when None).
+    pub serial: Option<String>,
+    /// Where blockd listens for this drive's vhost-user frontend; None for a drive no device
+    /// uses (`if=none` without a `-device`), which query-block still lists.
+    pub socket: Option<PathBuf>,
+    /// Virtqueues blockd serves on that socket.
+    pub num_queues: u16,
+}
+
+/// Everything blockd serves for one VM (`blockd --config-json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockdConfig {
+    pub drives: Vec<DriveConfig>,
+}
+
+/// What balloond serves for one VM (`balloond --config-json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloondConfig {
+    /// The qdev id of the balloon device.
+    pub id: String,
+    /// Where balloond listens for the frontend.
+    pub socket: PathBuf,
+    /// Guest RAM size in bytes: `actual` and the `balloon` target are computed against it.
+    pub mem_bytes: u64,
 }
 
 pub const NULL_UUID: &str = "00000000-0000-0000-0000-000000000000";
@@ -69,6 +184,7 @@ impl Default for MachineConfig {
             start_paused: false,
             no_shutdown: false,
             no_reboot: false,
+            vhost_user_devices: Vec::new(),
         }
     }
 }
@@ -78,6 +194,23 @@ pub enum ConfigError {
     #[error("machine config is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
 }
+
+macro_rules! json_io {
+    ($t:ty) => {
+        impl $t {
+            pub fn to_json(&self) -> String {
+                // Serialising plain data with string keys cannot fail.
+                serde_json::to_string(self).unwrap_or_default()
+            }
+
+            pub fn from_json(s: &str) -> Result<Self, ConfigError> {
+                Ok(serde_json::from_str(s)?)
+            }
+        }
+    };
+}
+json_io!(BlockdConfig);
+json_io!(BalloondConfig);
 
 impl MachineConfig {
     pub fn to_json(&self) -> String {
