@@ -2,9 +2,11 @@
 //! 7.2's HMP prints (`hmp-cmds.c`, `monitor/hmp.c`), with `\r\n` line ends as its monitor
 //! writes them.
 //!
-//! Commands: `info version|name|uuid|status|kvm|cpus|pci|chardev|mice` (and `info` alone,
-//! the list), `stop`/`s`, `cont`/`c`, `system_reset`, `system_powerdown`, `quit`/`q`, `nmi`,
-//! `memsave addr size file`, `pmemsave addr size file`, and `help`/`?` for these. Numbers are
+//! Commands: `info version|name|uuid|status|kvm|cpus|pci|chardev|mice|balloon|block|blockstats`
+//! (and `info` alone, the list), `stop`/`s`, `cont`/`c`, `system_reset`, `system_powerdown`,
+//! `quit`/`q`, `nmi`, `memsave addr size file`, `pmemsave addr size file`, `balloon MiB`,
+//! `block_resize device size` (size in MiB unless suffixed, as QEMU), and `help`/`?` for these.
+//! The device commands' output lives in `hmp_devices.rs`. Numbers are
 //! HMP expressions (`0x1000`, `4*1024`, `-8`, arithmetic with `+ - * / % & | ^ ~` and
 //! parentheses); as in QEMU, an unquoted `/path` after a number reads as a division, so quote
 //! file names.
@@ -16,6 +18,7 @@ use std::future::Future;
 use flotilla_schema::check::QmpError;
 use serde_json::{json, Value};
 
+use crate::hmp_devices;
 use crate::qerror;
 
 /// Running QMP commands for HMP.
@@ -25,6 +28,8 @@ pub trait Qmp: Sync {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cmd {
+    Balloon,
+    BlockResize,
     Help,
     Info,
     Stop,
@@ -40,6 +45,8 @@ enum Cmd {
 /// Top-level commands: names (`|`-separated aliases), QEMU's `args_type`, `params` and help
 /// text, sorted as QEMU sorts its table.
 const COMMANDS: &[(&str, &str, Cmd, &str, &str)] = &[
+    ("balloon", "value:M", Cmd::Balloon, "target", "request VM to change its memory allocation (in MB)"),
+    ("block_resize", "device:B,size:o", Cmd::BlockResize, "device size", "resize a block image"),
     ("cont|c", "", Cmd::Cont, "", "resume emulation"),
     ("help|?", "name:S?", Cmd::Help, "[cmd]", "show the help"),
     ("info", "item:s?", Cmd::Info, "[subcommand]", "show various information about the system state"),
@@ -66,6 +73,9 @@ const COMMANDS: &[(&str, &str, Cmd, &str, &str)] = &[
 
 /// `info` subcommands with their help texts, sorted as QEMU sorts its tables.
 const INFO: &[(&str, &str)] = &[
+    ("balloon", "show balloon information"),
+    ("block", "show info of one block device or all block devices"),
+    ("blockstats", "show block device statistics"),
     ("chardev", "show the character devices"),
     ("cpus", "show infos for each CPU"),
     ("kvm", "show KVM information"),
@@ -291,18 +301,35 @@ fn parse_args(cmd_name: &str, args_type: &str, s: &[u8], p: &mut usize) -> Resul
     for spec in args_type.split(',').filter(|a| !a.is_empty()) {
         let (_, ty) = spec.split_once(':').expect("args_type is name:type");
         match ty {
-            "l" | "i" => {
+            "l" | "i" | "M" => {
                 let mut e = Expr { s, p: skip_spaces(s, *p) };
                 let v = e.sum().map_err(|m| format!("{m}\n"))?;
                 *p = e.p;
                 if ty == "i" && ((v >> 32) & 0xffff_ffff) != 0 {
                     return Err(format!("'{cmd_name}' has failed: integer is for 32-bit values\n"));
                 }
-                out.push(Arg::Int(v));
+                if ty == "M" {
+                    if v < 0 {
+                        return Err("enter a positive value\n".to_string());
+                    }
+                    out.push(Arg::Int(v.wrapping_mul(1 << 20)));
+                } else {
+                    out.push(Arg::Int(v));
+                }
             }
-            "s" => match get_str(s, p) {
+            "o" => {
+                let start = skip_spaces(s, *p);
+                let Some((v, used)) = hmp_devices::parse_size_mib(&s[start..]) else {
+                    return Err("invalid size\n".to_string());
+                };
+                *p = start + used;
+                out.push(Arg::Int(v as i64));
+            }
+            "B?" if skip_spaces(s, *p) == s.len() => {}
+            "s" | "B" | "B?" => match get_str(s, p) {
                 Some(v) => out.push(Arg::Str(v)),
-                None => return Err(format!("{cmd_name}: string expected\n")),
+                None if ty == "s" => return Err(format!("{cmd_name}: string expected\n")),
+                None => return Err(format!("{cmd_name}: block device name expected\n")),
             },
             other => unreachable!("args type {other} is not used"),
         }
@@ -349,10 +376,16 @@ async fn run_line<Q: Qmp>(q: &Q, line: &str, cpu: i64) -> String {
         };
         p = skip_spaces(s, sub_end);
         let after_name = p;
-        if let Err(msg) = parse_args(sub, "", s, &mut p) {
-            return format!("{msg}{}", try_help(after_name));
-        }
-        return info(q, sub, cpu).await;
+        let args_type = if *sub == "block" { "device:B?" } else { "" };
+        let args = match parse_args(sub, args_type, s, &mut p) {
+            Ok(a) => a,
+            Err(msg) => return format!("{msg}{}", try_help(after_name)),
+        };
+        let device = match args.first() {
+            Some(Arg::Str(d)) => Some(d.as_str()),
+            _ => None,
+        };
+        return info(q, sub, cpu, device).await;
     }
     let after_name = p;
     let args = match parse_args(names, args_type, s, &mut p) {
@@ -371,6 +404,10 @@ async fn run_line<Q: Qmp>(q: &Q, line: &str, cpu: i64) -> String {
         }
         (Cmd::Pmemsave, [Arg::Int(val), Arg::Int(size), Arg::Str(file)]) => {
             q.qmp("pmemsave", json!({"val": val, "size": size, "filename": file})).await
+        }
+        (Cmd::Balloon, [Arg::Int(value)]) => q.qmp("balloon", json!({"value": value})).await,
+        (Cmd::BlockResize, [Arg::Str(device), Arg::Int(size)]) => {
+            q.qmp("block_resize", json!({"device": device, "size": size})).await
         }
         _ => unreachable!("arguments parsed per args_type"),
     };
@@ -396,8 +433,11 @@ fn help(args: &str) -> String {
     }
 }
 
-async fn info<Q: Qmp>(q: &Q, sub: &str, cpu: i64) -> String {
+async fn info<Q: Qmp>(q: &Q, sub: &str, cpu: i64, device: Option<&str>) -> String {
     let command = match sub {
+        "balloon" => "query-balloon",
+        "block" => "query-block",
+        "blockstats" => "query-blockstats",
         "version" => "query-version",
         "name" => "query-name",
         "uuid" => "query-uuid",
@@ -410,6 +450,7 @@ async fn info<Q: Qmp>(q: &Q, sub: &str, cpu: i64) -> String {
         _ => unreachable!("INFO lists only these"),
     };
     match q.qmp(command, json!({})).await {
+        Ok(v) if sub == "block" => hmp_devices::info_block(&v, device),
         Ok(v) => format_info(sub, &v, cpu),
         Err(e) => format!("Error: {}\n", e.desc),
     }
@@ -428,6 +469,8 @@ fn format_info(sub: &str, v: &Value, cpu: i64) -> String {
     let empty = Vec::new();
     let list = |v: &Value| v.as_array().unwrap_or(&empty).clone();
     match sub {
+        "balloon" => hmp_devices::info_balloon(v),
+        "blockstats" => hmp_devices::info_blockstats(v),
         "version" => {
             let q = &v["qemu"];
             format!("{}.{}.{}{}\n", int(&q["major"]), int(&q["minor"]), int(&q["micro"]), text(&v["package"]))
@@ -644,14 +687,23 @@ mod tests {
              \x20     BAR0: I/O at 0xc000 [0xc07f].\r\n\
              \x20     BAR4: 64 bit prefetchable memory at 0xfe000000 [0xfe003fff].\r\n      id \"vblk0\"\r\n"
         );
-        assert!(hmp("info").starts_with("info chardev  -- show the character devices\r\ninfo cpus  -- "));
+        assert!(hmp("info").starts_with(
+            "info balloon  -- show balloon information\r\ninfo block  -- show info of one block device or all block \
+             devices\r\ninfo blockstats  -- show block device statistics\r\ninfo chardev  -- "
+        ));
         assert_eq!(hmp("info").matches("\r\n").count(), INFO.len());
     }
 
     #[test]
     fn help_lists_the_subset() {
         let all = hmp("help");
-        assert!(all.starts_with("cont|c  -- resume emulation\r\nhelp|? [cmd] -- show the help\r\n"), "{all}");
+        assert!(
+            all.starts_with(
+                "balloon target -- request VM to change its memory allocation (in MB)\r\nblock_resize device size \
+                 -- resize a block image\r\ncont|c  -- resume emulation\r\nhelp|? [cmd] -- show the help\r\n"
+            ),
+            "{all}"
+        );
         assert_eq!(all.matches("\r\n").count(), COMMANDS.len());
         assert_eq!(hmp("? stop"), "stop|s  -- stop emulation\r\n");
         assert_eq!(hmp("help info kvm"), "info kvm  -- show KVM information\r\n");
@@ -741,6 +793,42 @@ mod tests {
         assert_eq!(
             hmp_with(&f, "pmemsave 0 8 /tmp/x", None),
             "invalid char 't' in expression\r\nTry \"help pmemsave\" for more information\r\n"
+        );
+    }
+
+    #[test]
+    fn device_commands() {
+        let f = fake();
+        let last = |f: &Fake| f.calls.lock().unwrap().last().unwrap().clone();
+        assert_eq!(hmp_with(&f, "balloon 512", None), "");
+        assert_eq!(last(&f), ("balloon".to_string(), json!({"value": 512u64 << 20})));
+        assert_eq!(hmp_with(&f, "balloon 2*64", None), "");
+        assert_eq!(last(&f), ("balloon".to_string(), json!({"value": 128u64 << 20})));
+        assert_eq!(hmp("balloon -1"), "enter a positive value\r\nTry \"help balloon\" for more information\r\n");
+        // QEMU's 'o' type: MiB unless a suffix says otherwise.
+        assert_eq!(hmp_with(&f, "block_resize virtio0 128", None), "");
+        assert_eq!(last(&f), ("block_resize".to_string(), json!({"device": "virtio0", "size": 128u64 << 20})));
+        assert_eq!(hmp_with(&f, "block_resize \"drive 1\" 1G", None), "");
+        assert_eq!(last(&f), ("block_resize".to_string(), json!({"device": "drive 1", "size": 1u64 << 30})));
+        assert_eq!(
+            hmp("block_resize"),
+            "block_resize: block device name expected\r\nTry \"help block_resize\" for more information\r\n"
+        );
+        assert_eq!(
+            hmp("block_resize virtio0 lots"),
+            "invalid size\r\nTry \"help block_resize\" for more information\r\n"
+        );
+        assert_eq!(hmp_with(&f, "info block", None), "");
+        assert_eq!(last(&f).0, "query-block");
+        assert_eq!(hmp_with(&f, "info block virtio0", None), "");
+        assert_eq!(
+            hmp("info block a b"),
+            "block: extraneous characters at the end of line\r\nTry \"help info block\" for more information\r\n"
+        );
+        let nb = Fake { calls: Mutex::new(Vec::new()), fail: Some("query-balloon") };
+        assert_eq!(
+            hmp_with(&nb, "info balloon", None),
+            "Error: Invalid addr 0x0000000000000000/size 4096 specified\r\n"
         );
     }
 

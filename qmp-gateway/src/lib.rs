@@ -21,6 +21,7 @@ pub mod cli;
 pub mod dispatch;
 pub mod fallback;
 pub mod hmp;
+pub mod hmp_devices;
 pub mod listen;
 pub mod qerror;
 pub mod reply;
