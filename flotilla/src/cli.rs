@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use vm_config::{ChardevBackend, ChardevConfig, MachineConfig};
 
+use crate::devices::DeviceSet;
 use crate::qemu_opts::{parse_bool, parse_keyvals, parse_size, parse_uuid, size_error, ValueError};
 
 /// The QEMU version our `-version` and QMP greeting claim compatibility with (the QMP schema's).
@@ -30,6 +31,9 @@ pub struct LaunchOptions {
     pub daemonize: bool,
     /// `-qmp`: the QMP sockets the gateway serves, in order (none: no gateway).
     pub qmp: Vec<QmpSocket>,
+    /// `-drive`, `-device`, `-chardev`, `-balloon`: checked, not yet placed (the sockets go
+    /// in the runtime directory, which exists only once the launcher runs).
+    pub devices: DeviceSet,
 }
 
 /// One `-qmp` listening socket.
@@ -179,15 +183,33 @@ pub static OPTIONS: &[OptSpec] = &[
     spec("qmp-pretty", NotYet, ""),
     spec("monitor", NotYet, ""),
     spec("mon", NotYet, ""),
-    spec("chardev", NotYet, ""),
-    spec("drive", NotYet, ""),
+    spec(
+        "drive",
+        Value(
+            "file=F,if=virtio|none[,format=raw|qcow2][,id=ID][,readonly=on|off][,cache=..][,werror=..][,rerror=..][,serial=S]",
+            |s, v| s.devices.drive(v),
+        ),
+        "a disk image served by blockd",
+    ),
+    spec(
+        "device",
+        Value(
+            "virtio-blk-pci,drive=ID|vhost-user-blk-pci,chardev=ID|virtio-balloon-pci[,id=][,addr=SLOT][,num-queues=N]",
+            |s, v| s.devices.device(v),
+        ),
+        "add a device",
+    ),
+    spec(
+        "chardev",
+        Value("socket,id=ID,path=PATH", |s, v| s.devices.chardev(v)),
+        "an external vhost-user backend's socket (for vhost-user-blk-pci)",
+    ),
+    spec("balloon", Value("none|virtio[,addr=SLOT]", |s, v| s.devices.balloon(v)), "the virtio balloon (QEMU 1.1)"),
     spec("blockdev", NotYet, ""),
-    spec("device", NotYet, ""),
     spec("netdev", NotYet, ""),
     spec("net", NotYet, ""),
     spec("nic", NotYet, ""),
     spec("vnc", NotYet, ""),
-    spec("balloon", NotYet, ""),
     // QEMU options Flotilla does not implement.
     spec("cpu", Unsupported, ""),
     spec("hda", Unsupported, ""),
@@ -272,6 +294,7 @@ pub struct State {
     pidfile: Option<PathBuf>,
     daemonize: bool,
     qmp: Vec<QmpSocket>,
+    devices: DeviceSet,
     machine_help: bool,
     accel_help: bool,
 }
@@ -713,12 +736,14 @@ fn finish(mut st: State) -> Result<Action, CliError> {
         return Err(CliError::at(serial_loc, "cannot use stdio with -daemonize"));
     }
     st.cfg.serial = backend.map(|backend| ChardevConfig { id: "serial0".into(), backend });
+    st.devices.finish().map_err(|(loc, e)| located(&loc, e))?;
 
     Ok(Action::Run(Box::new(LaunchOptions {
         machine: st.cfg,
         pidfile: st.pidfile,
         daemonize: st.daemonize,
         qmp: st.qmp,
+        devices: st.devices,
     })))
 }
 
@@ -755,8 +780,9 @@ pub fn help_text() -> String {
         OPTIONS.iter().filter(|o| matches!(o.handler, NotYet)).map(|o| format!("-{}", o.name)).collect();
     s.push_str(&format!("\nNot supported yet: {}\n", not_yet.join(" ")));
     s.push_str(
-        "\nvmm-core and qmp-gateway are started from the directory of this executable, or from\n\
-         $FLOTILLA_VMM_CORE and $FLOTILLA_QMP_GATEWAY; dbus-daemon from $FLOTILLA_DBUS_DAEMON or PATH.\n\
+        "\nvmm-core, qmp-gateway, blockd and balloond are started from the directory of this executable,\n\
+         or from $FLOTILLA_VMM_CORE, $FLOTILLA_QMP_GATEWAY, $FLOTILLA_BLOCKD and $FLOTILLA_BALLOOND;\n\
+         dbus-daemon from $FLOTILLA_DBUS_DAEMON or PATH.\n\
          Logging: RUST_LOG (e.g. RUST_LOG=debug).\n",
     );
     s
@@ -1159,8 +1185,7 @@ mod tests {
 
     #[test]
     fn later_options_are_refused_not_ignored() {
-        for o in ["qmp-pretty", "drive", "device", "chardev", "netdev", "vnc", "balloon", "monitor", "mon", "blockdev"]
-        {
+        for o in ["qmp-pretty", "netdev", "vnc", "monitor", "mon", "blockdev"] {
             for dashes in ["-", "--"] {
                 let e = parse([format!("{dashes}{o}"), "x".to_string()]).expect_err(o);
                 assert_eq!(e.to_string(), format!("{dashes}{o}: option not supported yet"));
@@ -1273,11 +1298,470 @@ mod tests {
             start_paused: true,
             no_shutdown: true,
             no_reboot: false,
+            vhost_user_devices: Vec::new(),
         };
-        let want =
-            LaunchOptions { machine: expected, pidfile: Some("/run/f.pid".into()), daemonize: true, qmp: Vec::new() };
+        let want = LaunchOptions {
+            machine: expected,
+            pidfile: Some("/run/f.pid".into()),
+            daemonize: true,
+            qmp: Vec::new(),
+            devices: DeviceSet::default(),
+        };
         assert_eq!(o, want);
         // The JSON handed to vmm-core round-trips.
         assert_eq!(MachineConfig::from_json(&o.machine.to_json()).expect("json"), o.machine);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // -drive, -device, -chardev, -balloon
+    // -----------------------------------------------------------------------------------------
+
+    use crate::devices::{Backend, DeviceSpec, DriveIf, DriveSpec};
+    use vm_config::{CacheMode, DriveFormat, ErrorAction, VirtioKind};
+
+    fn devs(args: &[&str]) -> DeviceSet {
+        run(args).devices
+    }
+    const ID_ERR: &str =
+        "Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.";
+
+    #[test]
+    fn drive_defaults_and_qemu_ids() {
+        let d = devs(&["-drive", "file=/i/a.img,if=virtio", "-drive", "file=/i/b.img,if=virtio,format=qcow2"]);
+        assert_eq!(
+            d.drives[0],
+            DriveSpec {
+                location: "-drive file=/i/a.img,if=virtio".into(),
+                id: "virtio0".into(),
+                interface: DriveIf::Virtio,
+                file: "/i/a.img".into(),
+                format: None,
+                readonly: false,
+                cache: CacheMode::Writeback,
+                werror: ErrorAction::Enospc,
+                rerror: ErrorAction::Report,
+                serial: None,
+                format_option: None,
+            }
+        );
+        assert_eq!(d.drives[1].id, "virtio1");
+        assert_eq!(d.drives[1].format, Some(DriveFormat::Qcow2));
+        // Each if=virtio drive brings its virtio-blk-pci, without a qdev id (as QEMU's query-pci).
+        assert_eq!(d.devices.len(), 2);
+        assert_eq!(
+            d.devices[0],
+            DeviceSpec {
+                location: "-drive file=/i/a.img,if=virtio".into(),
+                id: String::new(),
+                model: "virtio-blk-pci",
+                kind: VirtioKind::Block,
+                backend: Backend::Drive("virtio0".into()),
+                num_queues: 1,
+                queue_size: 256,
+                pci_slot: None,
+                serial: None,
+            }
+        );
+        // index= picks the unit, the next free one is used after it; if=none has its own.
+        let d = devs(&[
+            "-drive",
+            "file=/a,if=virtio,index=2",
+            "-drive",
+            "/b,if=virtio",
+            "-drive",
+            "file=/c,if=none",
+            "-drive",
+            "file=/d,if=virtio,id=mine",
+            "-drive",
+            "file=/e,if=virtio",
+        ]);
+        let ids: Vec<&str> = d.drives.iter().map(|x| x.id.as_str()).collect();
+        assert_eq!(ids, ["virtio2", "virtio0", "none0", "mine", "virtio3"], "a drive with an id takes a unit too");
+        assert_eq!(d.drives[1].file, PathBuf::from("/b"), "file is the implied first key");
+        assert!(d.has_drives() && !d.has_balloon());
+        assert!(!devs(&[]).has_drives());
+    }
+
+    #[test]
+    fn drive_options() {
+        let d = devs(&[
+            "-drive",
+            "file=/i/x,,y.img,if=virtio,format=raw,id=disk-1.a_b,readonly=on,cache=none,werror=stop,rerror=ignore,serial=SN1,media=disk",
+        ]);
+        let x = &d.drives[0];
+        assert_eq!(x.file, PathBuf::from("/i/x,y.img"));
+        assert_eq!((x.id.as_str(), x.format, x.readonly), ("disk-1.a_b", Some(DriveFormat::Raw), true));
+        assert_eq!((x.cache, x.werror, x.rerror), (CacheMode::None, ErrorAction::Stop, ErrorAction::Ignore));
+        assert_eq!(x.serial.as_deref(), Some("SN1"));
+        for (v, c) in [
+            ("writeback", CacheMode::Writeback),
+            ("none", CacheMode::None),
+            ("writethrough", CacheMode::Writethrough),
+            ("directsync", CacheMode::Directsync),
+            ("unsafe", CacheMode::Unsafe),
+        ] {
+            assert_eq!(devs(&["-drive", &format!("file=/a,if=virtio,cache={v}")]).drives[0].cache, c);
+        }
+        for (v, a) in [
+            ("report", ErrorAction::Report),
+            ("ignore", ErrorAction::Ignore),
+            ("stop", ErrorAction::Stop),
+            ("enospc", ErrorAction::Enospc),
+        ] {
+            assert_eq!(devs(&["-drive", &format!("file=/a,if=virtio,werror={v}")]).drives[0].werror, a);
+            if a != ErrorAction::Enospc {
+                assert_eq!(devs(&["-drive", &format!("file=/a,if=virtio,rerror={v}")]).drives[0].rerror, a);
+            }
+        }
+        assert!(devs(&["-drive", "file=/a,if=virtio,readonly"]).drives[0].readonly, "short-form boolean");
+        assert!(!devs(&["-drive", "file=/a,if=virtio,readonly=off"]).drives[0].readonly);
+        // An unknown key is the format driver's to refuse (once the format is known).
+        assert_eq!(devs(&["-drive", "file=/a,if=virtio,bogus=1"]).drives[0].format_option.as_deref(), Some("bogus"));
+    }
+
+    #[test]
+    fn drive_errors_as_qemu_prints_them() {
+        let e = |a: &str| err(&["-drive", a]);
+        assert_eq!(e("file=/a,if=virtio,cache=foo"), "-drive file=/a,if=virtio,cache=foo: invalid cache option");
+        assert_eq!(
+            e("file=/a,if=virtio,werror=foo"),
+            "-drive file=/a,if=virtio,werror=foo: 'foo' invalid write error action"
+        );
+        assert_eq!(
+            e("file=/a,if=virtio,rerror=enospc"),
+            "-drive file=/a,if=virtio,rerror=enospc: 'enospc' invalid read error action"
+        );
+        assert_eq!(
+            e("file=/a,if=virtio,readonly=maybe"),
+            "-drive file=/a,if=virtio,readonly=maybe: Parameter 'read-only' expects 'on' or 'off'"
+        );
+        assert_eq!(e("file=/a,if=foo"), "-drive file=/a,if=foo: unsupported bus type 'foo'");
+        assert_eq!(e("file=/a,if=virtio,format=foo"), "-drive file=/a,if=virtio,format=foo: Unknown driver 'foo'");
+        assert_eq!(
+            e("file=/a,if=virtio,format=vmdk"),
+            "-drive file=/a,if=virtio,format=vmdk: image format 'vmdk' is not supported by flotilla (only raw and qcow2)"
+        );
+        assert_eq!(e("file=/a,if=virtio,media=foo"), "-drive file=/a,if=virtio,media=foo: 'foo' invalid media");
+        assert_eq!(
+            e("file=/a,if=virtio,media=cdrom"),
+            "-drive file=/a,if=virtio,media=cdrom: media=cdrom is not supported by flotilla (only disk)"
+        );
+        assert_eq!(e("if=virtio"), "-drive if=virtio: Device needs media, but drive is empty");
+        assert_eq!(e("file=,if=virtio"), "-drive file=,if=virtio: A block device must be specified for \"file\"");
+        assert_eq!(
+            e("if=none,id=d"),
+            "-drive if=none,id=d: a drive without a medium (no file=) is not supported by flotilla"
+        );
+        assert_eq!(e("file=/a,if=virtio,id=1a"), format!("-drive file=/a,if=virtio,id=1a: {ID_ERR}"));
+        assert_eq!(e("file=/a,if=virtio,id="), format!("-drive file=/a,if=virtio,id=: {ID_ERR}"));
+        assert_eq!(
+            e("file=/a,if=virtio,index=x"),
+            "-drive file=/a,if=virtio,index=x: Parameter 'index' expects a number"
+        );
+        assert_eq!(
+            e("file=/a,if=virtio,format=raw,bogus=1"),
+            "-drive file=/a,if=virtio,format=raw,bogus=1: Block format 'raw' does not support the option 'bogus'"
+        );
+        assert_eq!(
+            e("file=/a,if=virtio,format=qcow2,addr=5"),
+            "-drive file=/a,if=virtio,format=qcow2,addr=5: Block format 'qcow2' does not support the option 'addr'"
+        );
+        assert_eq!(
+            e("file=/a,if=virtio,aio=native"),
+            "-drive file=/a,if=virtio,aio=native: -drive option 'aio' is not supported by flotilla"
+        );
+        // QEMU's default interface is IDE; only virtio and none exist here.
+        let hint = "flotilla supports -drive if=virtio and if=none (with -device virtio-blk-pci,drive=ID)";
+        assert_eq!(
+            e("file=/a"),
+            format!("-drive file=/a: if=ide (QEMU's default) is not supported by flotilla\n{hint}")
+        );
+        assert_eq!(
+            e("file=/a,if=scsi"),
+            format!("-drive file=/a,if=scsi: if=scsi is not supported by flotilla\n{hint}")
+        );
+        assert_eq!(
+            e("file=/a,if=ide"),
+            format!("-drive file=/a,if=ide: if=ide (QEMU's default) is not supported by flotilla\n{hint}")
+        );
+        assert_eq!(
+            err(&["-drive", "file=/a,if=virtio,id=a", "-drive", "file=/b,if=none,id=a"]),
+            "-drive file=/b,if=none,id=a: Duplicate ID 'a' for drive"
+        );
+        assert_eq!(
+            err(&["-drive", "file=/a,if=virtio,id=virtio1", "-drive", "file=/b,if=virtio"]),
+            "-drive file=/b,if=virtio: Duplicate ID 'virtio1' for drive",
+            "a generated id clashes with a given one, as in QEMU"
+        );
+        assert_eq!(
+            err(&["-drive", "file=/a,if=virtio", "-drive", "file=/b,if=virtio,index=0"]),
+            "-drive file=/b,if=virtio,index=0: drive with bus=0, unit=0 (index=0) exists"
+        );
+        assert_eq!(err(&["-drive"]), "-drive: requires an argument");
+    }
+
+    #[test]
+    fn device_virtio_blk_pci() {
+        let d = devs(&[
+            "-device",
+            "virtio-blk-pci,drive=d0,id=vblk0,addr=0x5,num-queues=4,serial=S,queue-size=128",
+            "-drive",
+            "file=/a,if=none,id=d0,format=raw",
+        ]);
+        assert_eq!(d.drives[0].interface, DriveIf::None);
+        assert_eq!(
+            d.devices,
+            [DeviceSpec {
+                location: "-device virtio-blk-pci,drive=d0,id=vblk0,addr=0x5,num-queues=4,serial=S,queue-size=128"
+                    .into(),
+                id: "vblk0".into(),
+                model: "virtio-blk-pci",
+                kind: VirtioKind::Block,
+                backend: Backend::Drive("d0".into()),
+                num_queues: 4,
+                queue_size: 128,
+                pci_slot: Some(5),
+                serial: Some("S".into()),
+            }],
+            "a -device may name a -drive given after it"
+        );
+        let d = devs(&["-drive", "file=/a,if=none,id=d0", "-device", "driver=virtio-blk-pci,drive=d0,addr=1f.0"]);
+        assert_eq!((d.devices[0].pci_slot, d.devices[0].num_queues, d.devices[0].id.as_str()), (Some(0x1f), 1, ""));
+        // An if=none drive no device uses is still a drive (query-block lists it).
+        let d = devs(&["-drive", "file=/a,if=none,id=spare"]);
+        assert_eq!((d.drives.len(), d.devices.len()), (1, 0));
+        // Command-line order is PCI order.
+        let d = devs(&[
+            "-device",
+            "virtio-balloon-pci",
+            "-drive",
+            "file=/a,if=virtio",
+            "-drive",
+            "file=/b,if=none,id=b",
+            "-device",
+            "virtio-blk-pci,drive=b",
+        ]);
+        let models: Vec<_> = d.devices.iter().map(|x| (x.model, x.backend.clone())).collect();
+        assert_eq!(
+            models,
+            [
+                ("virtio-balloon-pci", Backend::Balloon),
+                ("virtio-blk-pci", Backend::Drive("virtio0".into())),
+                ("virtio-blk-pci", Backend::Drive("b".into())),
+            ]
+        );
+    }
+
+    #[test]
+    fn device_errors_as_qemu_prints_them() {
+        let drive = ["-drive", "file=/a,if=none,id=d"];
+        let with = |dev: &str| err(&[drive[0], drive[1], "-device", dev]);
+        assert_eq!(
+            err(&["-device", "virtio-blk-pci,drive=nope"]),
+            "-device virtio-blk-pci,drive=nope: Property 'virtio-blk-device.drive' can't find value 'nope'"
+        );
+        assert_eq!(err(&["-device", "virtio-blk-pci"]), "-device virtio-blk-pci: drive property not set");
+        assert_eq!(
+            err(&[drive[0], drive[1], "-device", "virtio-blk-pci,drive=d", "-device", "virtio-blk-pci,drive=d,id=x"]),
+            "-device virtio-blk-pci,drive=d,id=x: Drive 'd' is already in use by another device"
+        );
+        assert_eq!(
+            err(&["-drive", "file=/a,if=virtio", "-device", "virtio-blk-pci,drive=virtio0"]),
+            "-device virtio-blk-pci,drive=virtio0: Drive 'virtio0' is already in use by another device"
+        );
+        assert_eq!(
+            with("virtio-blk-pci,drive=d,bogus=1"),
+            "-device virtio-blk-pci,drive=d,bogus=1: Property 'virtio-blk-pci.bogus' not found"
+        );
+        assert_eq!(
+            with("virtio-blk-pci,drive=d,chardev=c"),
+            "-device virtio-blk-pci,drive=d,chardev=c: Property 'virtio-blk-pci.chardev' not found"
+        );
+        assert_eq!(
+            with("virtio-blk-pci,drive=d,num-queues=0"),
+            "-device virtio-blk-pci,drive=d,num-queues=0: num-queues property must be larger than 0"
+        );
+        assert_eq!(
+            with("virtio-blk-pci,drive=d,num-queues=x"),
+            "-device virtio-blk-pci,drive=d,num-queues=x: Parameter 'num-queues' expects integer"
+        );
+        assert_eq!(
+            with("virtio-blk-pci,drive=d,num-queues=65"),
+            "-device virtio-blk-pci,drive=d,num-queues=65: num-queues 65 is more than flotilla supports (64)"
+        );
+        assert_eq!(
+            with("virtio-blk-pci,drive=d,queue-size=100"),
+            "-device virtio-blk-pci,drive=d,queue-size=100: invalid queue-size property (100), must be > 2 and a power of 2 and <= 1024"
+        );
+        assert_eq!(
+            with("virtio-blk-pci,drive=d,addr=zz"),
+            "-device virtio-blk-pci,drive=d,addr=zz: Property 'virtio-blk-pci.addr' doesn't take value 'zz'"
+        );
+        assert_eq!(
+            with("virtio-blk-pci,drive=d,addr=0x20"),
+            "-device virtio-blk-pci,drive=d,addr=0x20: Property 'virtio-blk-pci.addr' doesn't take value '0x20'"
+        );
+        assert_eq!(
+            with("virtio-blk-pci,drive=d,addr=0"),
+            "-device virtio-blk-pci,drive=d,addr=0: PCI: slot 0 function 0 not available for virtio-blk-pci, in use by the host bridge"
+        );
+        assert_eq!(
+            with("virtio-blk-pci,drive=d,addr=3.1"),
+            "-device virtio-blk-pci,drive=d,addr=3.1: PCI function 1 is not supported by flotilla: devices are single-function (addr=SLOT or SLOT.0)"
+        );
+        assert_eq!(with("virtio-blk-pci,drive=d,id=1x"), format!("-device virtio-blk-pci,drive=d,id=1x: {ID_ERR}"));
+        assert_eq!(
+            err(&[drive[0], drive[1], "-device", "virtio-blk-pci,drive=d,id=x", "-device", "virtio-balloon-pci,id=x"]),
+            "-device virtio-balloon-pci,id=x: Duplicate ID 'x' for device"
+        );
+        assert_eq!(
+            err(&[drive[0], drive[1], "-device", "virtio-blk-pci,drive=d,addr=5", "-device", "virtio-balloon-pci,addr=5.0"]),
+            "-device virtio-balloon-pci,addr=5.0: PCI: slot 5 function 0 not available for virtio-balloon-pci, in use by virtio-blk-pci,id=(null)"
+        );
+        assert_eq!(err(&["-device", "foo-pci"]), "-device foo-pci: 'foo-pci' is not a valid device model name");
+        assert_eq!(
+            err(&["-device", "virtio-net-pci"]),
+            "-device virtio-net-pci: device 'virtio-net-pci' is not supported by flotilla"
+        );
+        assert_eq!(err(&["-device", "id=x"]), "-device id=x: Parameter 'driver' is missing");
+        assert_eq!(err(&["-device"]), "-device: requires an argument");
+    }
+
+    #[test]
+    fn chardev_and_vhost_user_blk_pci() {
+        let d = devs(&[
+            "-chardev",
+            "socket,id=qsd0,path=/run/qsd.sock",
+            "-device",
+            "vhost-user-blk-pci,chardev=qsd0,id=ext0,num-queues=2,addr=6",
+        ]);
+        assert_eq!(d.chardevs[0].path, PathBuf::from("/run/qsd.sock"));
+        let x = &d.devices[0];
+        assert_eq!((x.model, x.kind, x.id.as_str()), ("vhost-user-blk-pci", VirtioKind::Block, "ext0"));
+        assert_eq!(x.backend, Backend::External("/run/qsd.sock".into()));
+        assert_eq!(
+            (x.num_queues, x.queue_size, x.pci_slot),
+            (2, 128, Some(6)),
+            "QEMU's vhost-user-blk queue-size is 128"
+        );
+        assert!(!d.has_drives(), "an external backend needs no blockd");
+        // QEMU's reconnect= is accepted (vmm-core always reconnects); server=off is the default.
+        devs(&["-chardev", "socket,id=c,path=/x,reconnect=1,server=off", "-device", "vhost-user-blk-pci,chardev=c"]);
+
+        assert_eq!(err(&["-device", "vhost-user-blk-pci"]), "-device vhost-user-blk-pci: chardev is mandatory");
+        assert_eq!(
+            err(&["-device", "vhost-user-blk-pci,chardev=c"]),
+            "-device vhost-user-blk-pci,chardev=c: Property 'vhost-user-blk.chardev' can't find value 'c'"
+        );
+        assert_eq!(
+            err(&[
+                "-chardev",
+                "socket,id=c,path=/x",
+                "-device",
+                "vhost-user-blk-pci,chardev=c",
+                "-device",
+                "vhost-user-blk-pci,chardev=c"
+            ]),
+            "-device vhost-user-blk-pci,chardev=c: Property 'vhost-user-blk.chardev' can't take value 'c', it's in use"
+        );
+        assert_eq!(
+            err(&["-chardev", "socket,id=c,path=/x", "-device", "vhost-user-blk-pci,chardev=c,drive=d"]),
+            "-device vhost-user-blk-pci,chardev=c,drive=d: Property 'vhost-user-blk-pci.drive' not found"
+        );
+        assert_eq!(err(&["-chardev", "socket,path=/x"]), "-chardev socket,path=/x: chardev: no id specified");
+        assert_eq!(err(&["-chardev", "socket,id=c"]), "-chardev socket,id=c: Unable to parse FD number ");
+        assert_eq!(err(&["-chardev", "foo,id=c"]), "-chardev foo,id=c: 'foo' is not a valid char driver name");
+        assert_eq!(
+            err(&["-chardev", "stdio,id=c"]),
+            "-chardev stdio,id=c: chardev backend 'stdio' is not supported by flotilla (only socket, for vhost-user-blk-pci)"
+        );
+        assert_eq!(
+            err(&["-chardev", "socket,id=c,path=/x", "-chardev", "socket,id=c,path=/y"]),
+            "-chardev socket,id=c,path=/y: Duplicate ID 'c' for chardev"
+        );
+        assert_eq!(
+            err(&["-chardev", "socket,id=c,path=/x,server=on,wait=off"]),
+            "-chardev socket,id=c,path=/x,server=on,wait=off: -chardev socket,server=on is not supported by flotilla: vmm-core connects to the backend's socket"
+        );
+        assert_eq!(
+            err(&["-chardev", "socket,id=c,path=/x,bogus=1"]),
+            "-chardev socket,id=c,path=/x,bogus=1: Invalid parameter 'bogus'"
+        );
+        assert_eq!(
+            err(&["-chardev", "socket,id=c,host=h,port=1"]),
+            "-chardev socket,id=c,host=h,port=1: socket option 'host' is not supported by flotilla"
+        );
+        assert_eq!(err(&["-chardev", "socket,id=9,path=/x"]), format!("-chardev socket,id=9,path=/x: {ID_ERR}"));
+        assert_eq!(err(&["-chardev"]), "-chardev: requires an argument");
+    }
+
+    #[test]
+    fn balloon_spellings() {
+        let b = |args: &[&str]| {
+            let d = devs(args);
+            d.devices.iter().filter(|x| x.backend == Backend::Balloon).cloned().collect::<Vec<_>>()
+        };
+        let one = b(&["-device", "virtio-balloon-pci,id=balloon0,addr=4"]);
+        assert_eq!(
+            one,
+            [DeviceSpec {
+                location: "-device virtio-balloon-pci,id=balloon0,addr=4".into(),
+                id: "balloon0".into(),
+                model: "virtio-balloon-pci",
+                kind: VirtioKind::Balloon,
+                backend: Backend::Balloon,
+                num_queues: 3,
+                queue_size: 128,
+                pci_slot: Some(4),
+                serial: None,
+            }]
+        );
+        assert!(devs(&["-device", "virtio-balloon-pci"]).has_balloon());
+        let q11 = b(&["-balloon", "virtio"]);
+        assert_eq!((q11.len(), q11[0].id.as_str(), q11[0].pci_slot), (1, "", None));
+        assert_eq!(b(&["-balloon", "virtio,addr=0x9"])[0].pci_slot, Some(9));
+        assert!(b(&["-balloon", "none"]).is_empty());
+        assert!(b(&["-balloon", "virtio", "-balloon", "none"]).is_empty(), "the last -balloon wins");
+        assert_eq!(b(&["-balloon", "none", "-balloon", "virtio"]).len(), 1);
+        assert!(b(&[]).is_empty(), "QEMU 1.1 had no balloon by default");
+
+        assert_eq!(err(&["-balloon", "foo"]), "-balloon foo: Unknown -balloon argument foo");
+        assert_eq!(err(&["-balloon", "virtio,foo=1"]), "-balloon virtio,foo=1: Unknown -balloon argument virtio,foo=1");
+        assert_eq!(err(&["-balloon", "virtiox"]), "-balloon virtiox: Unknown -balloon argument virtiox");
+        assert_eq!(
+            err(&["-device", "virtio-balloon-pci", "-device", "virtio-balloon-pci"]),
+            "-device virtio-balloon-pci: Only one balloon device is supported"
+        );
+        assert_eq!(
+            err(&["-device", "virtio-balloon-pci", "-balloon", "virtio"]),
+            "-balloon virtio: Only one balloon device is supported"
+        );
+        assert_eq!(
+            err(&["-device", "virtio-balloon-pci,id=b1,bogus=2"]),
+            "-device virtio-balloon-pci,id=b1,bogus=2: Property 'virtio-balloon-pci.bogus' not found"
+        );
+        assert_eq!(
+            err(&["-device", "virtio-balloon-pci,num-queues=2"]),
+            "-device virtio-balloon-pci,num-queues=2: Property 'virtio-balloon-pci.num-queues' not found"
+        );
+        assert_eq!(
+            err(&["-device", "virtio-balloon-pci,id=1b"]),
+            format!("-device virtio-balloon-pci,id=1b: {ID_ERR}")
+        );
+        assert_eq!(err(&["-balloon"]), "-balloon: requires an argument");
+    }
+
+    #[test]
+    fn help_lists_the_device_options() {
+        let h = help_text();
+        for o in [
+            "-drive file=F,if=virtio|none",
+            "-device virtio-blk-pci,drive=ID",
+            "-chardev socket,id=ID,path=PATH",
+            "-balloon none|virtio",
+        ] {
+            assert!(h.contains(o), "help lacks {o}:\n{h}");
+        }
+        assert!(h.contains("$FLOTILLA_BLOCKD and $FLOTILLA_BALLOOND"));
     }
 }

@@ -1,11 +1,16 @@
 //! `flotilla`: the launcher. Takes qemu-system-x86_64's options, builds the machine description
-//! and runs the VM's processes (a private dbus-daemon, `vmm-core --config-json '<json>'`, and
-//! with `-qmp` the `qmp-gateway`), supervising them like a QEMU process: signals, exit status,
+//! and runs the VM's processes (a private dbus-daemon, blockd with `-drive`, balloond with a
+//! balloon, `vmm-core --config-json '<json>'`, and with `-qmp` the `qmp-gateway`), supervising them like a QEMU process: signals, exit status,
 //! -pidfile, -daemonize.
 
 mod bus;
 mod cli;
+mod device_daemons;
+mod device_plan;
+mod devices;
+mod drive_files;
 mod qemu_opts;
+mod restart;
 mod supervise;
 
 use cli::Action;

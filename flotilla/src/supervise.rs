@@ -5,15 +5,19 @@
 //!
 //! The processes, in start order:
 //! 1. a private `dbus-daemon` in the instance's runtime directory (`bus.rs`);
-//! 2. `vmm-core --config-json '<json>' --dbus-address ADDR --instance NAME --ready-fd FD`, which
+//! 2. with `-drive`, blockd, and with a balloon, balloond (`device_daemons.rs`), each waited
+//!    for until it says `ready`; later restarted like the gateway when they exit;
+//! 3. `vmm-core --config-json '<json>' --dbus-address ADDR --instance NAME --ready-fd FD`, which
 //!    says `ready` on FD once the machine is built and its bus name owned;
-//! 3. with `-qmp`, then: `qmp-gateway --dbus-address ADDR --instance NAME --qmp SPEC...` (one
-//!    `--qmp` per socket, see `QmpSocket::gateway_spec`). A gateway that exits is started again
-//!    after a delay that doubles from 100 ms up to 5 s (back to 100 ms after a run of 10 s).
+//! 4. with `-qmp`, then: `qmp-gateway --dbus-address ADDR --instance NAME --qmp SPEC...
+//!    [--daemon blockd] [--daemon balloond]` (one `--qmp` per socket, see
+//!    `QmpSocket::gateway_spec`). A gateway that exits is started again after a delay that
+//!    doubles from 100 ms up to 5 s (back to 100 ms after a run of 10 s; `restart.rs`).
 //!
 //! The instance NAME is `-name`, else `vm<launcher pid>`. When vmm-core exits (guest power-off,
-//! `quit`, a signal) the gateway and the bus are terminated (SIGTERM, SIGKILL after 2 s), the
-//! QMP unix sockets and the runtime directory removed, and the launcher exits like vmm-core.
+//! `quit`, a signal) the gateway, the device daemons and the bus are terminated (SIGTERM,
+//! SIGKILL after 2 s), the QMP and vhost-user unix sockets and the runtime directory removed,
+//! and the launcher exits like vmm-core.
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
@@ -29,17 +33,20 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::termios::{self, SetArg, Termios};
 use nix::unistd::{fork, setsid, ForkResult, Pid};
 
-use crate::bus::{BusError, Managed, PrivateBus, RuntimeDir, TERM_GRACE};
+use crate::bus::{BusError, PrivateBus, RuntimeDir, TERM_GRACE};
 use crate::cli::{LaunchOptions, QmpSocket};
+use crate::device_daemons::{Binaries, DaemonError, DeviceDaemons};
+use crate::drive_files::FileError;
+use crate::restart::{remove_socket_files, ReadyPipe, Restartable};
 
 /// Environment variable naming the vmm-core binary (default: next to this executable).
 pub const VMM_CORE_ENV: &str = "FLOTILLA_VMM_CORE";
 /// Environment variable naming the qmp-gateway binary (default: next to this executable).
 pub const GATEWAY_ENV: &str = "FLOTILLA_QMP_GATEWAY";
-/// The gateway's restart delay: first, and at most.
-const GATEWAY_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
-/// A gateway that ran this long before exiting gets the first delay again.
-const GATEWAY_STABLE: Duration = Duration::from_secs(10);
+/// Environment variable naming the blockd binary (default: next to this executable).
+pub const BLOCKD_ENV: &str = "FLOTILLA_BLOCKD";
+/// Environment variable naming the balloond binary (default: next to this executable).
+pub const BALLOOND_ENV: &str = "FLOTILLA_BALLOOND";
 /// How long a daemonizing launcher watches vmm-core for an early failure before detaching.
 const DAEMON_GRACE: Duration = Duration::from_millis(500);
 
@@ -49,6 +56,14 @@ pub enum LaunchError {
     VmmCoreMissing(PathBuf),
     #[error("cannot find qmp-gateway at '{0}' (set {GATEWAY_ENV} to its path)")]
     GatewayMissing(PathBuf),
+    #[error("cannot find blockd at '{0}' (set {BLOCKD_ENV} to its path)")]
+    BlockdMissing(PathBuf),
+    #[error("cannot find balloond at '{0}' (set {BALLOOND_ENV} to its path)")]
+    BalloondMissing(PathBuf),
+    #[error(transparent)]
+    DriveFile(#[from] FileError),
+    #[error(transparent)]
+    DeviceDaemon(#[from] DaemonError),
     #[error(transparent)]
     Bus(#[from] BusError),
     #[error("cannot create the readiness pipe: {0}")]
@@ -97,15 +112,28 @@ pub fn find_gateway() -> Result<PathBuf, LaunchError> {
     find_binary(GATEWAY_ENV, "qmp-gateway")?.map_err(LaunchError::GatewayMissing)
 }
 
-/// Checks what QEMU checks before starting, so that errors come from the launcher.
-fn preflight(opts: &LaunchOptions) -> Result<(), LaunchError> {
+pub fn find_blockd() -> Result<PathBuf, LaunchError> {
+    find_binary(BLOCKD_ENV, "blockd")?.map_err(LaunchError::BlockdMissing)
+}
+
+pub fn find_balloond() -> Result<PathBuf, LaunchError> {
+    find_binary(BALLOOND_ENV, "balloond")?.map_err(LaunchError::BalloondMissing)
+}
+
+/// Checks what QEMU checks before starting, so that errors come from the launcher; returns
+/// the drives' formats (probed where not given; QEMU's warning printed for a guessed raw).
+fn preflight(opts: &LaunchOptions) -> Result<Vec<vm_config::DriveFormat>, LaunchError> {
+    let (formats, warnings) = crate::drive_files::check_all(&opts.devices)?;
     if let Some(k) = &opts.machine.kernel {
         File::open(k).map_err(|e| LaunchError::Kernel(k.clone(), e))?;
     }
     if let Some(i) = &opts.machine.initrd {
         File::open(i).map_err(|e| LaunchError::Initrd(i.clone(), e))?;
     }
-    Ok(())
+    for w in warnings {
+        eprintln!("{w}");
+    }
+    Ok(formats)
 }
 
 /// `-pidfile`: created and locked like QEMU's (a second instance on the same file fails),
@@ -225,7 +253,7 @@ fn forwarded_signals() -> SigSet {
 }
 
 /// Waits for one of `set` (blocked in this thread); returns (signal, si_code) or None on timeout.
-fn wait_signal(set: &SigSet, timeout: Option<Duration>) -> Option<(i32, i32)> {
+pub fn wait_signal(set: &SigSet, timeout: Option<Duration>) -> Option<(i32, i32)> {
     // SAFETY: siginfo_t is plain old data; zeroed is a valid value for an out-parameter.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     let rc = match timeout {
@@ -246,7 +274,10 @@ fn wait_signal(set: &SigSet, timeout: Option<Duration>) -> Option<(i32, i32)> {
 pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
     let vmm_core = find_vmm_core()?;
     let gateway = if opts.qmp.is_empty() { None } else { Some(find_gateway()?) };
-    preflight(opts)?;
+    let blockd = if opts.devices.has_drives() { Some(find_blockd()?) } else { None };
+    let balloond = if opts.devices.has_balloon() { Some(find_balloond()?) } else { None };
+    let formats = preflight(opts)?;
+    let bins = Binaries { blockd: blockd.as_deref(), balloond: balloond.as_deref() };
     // The daemon changes to "/"; keep the pid file where the user meant it.
     let pidfile_path = match &opts.pidfile {
         Some(p) if p.is_relative() => {
@@ -256,7 +287,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
     };
 
     let mut report = if opts.daemonize { Some(daemonize()?) } else { None };
-    match run_vm(opts, &vmm_core, gateway.as_deref(), pidfile_path.as_deref(), report.as_mut()) {
+    match run_vm(opts, &formats, &bins, &vmm_core, gateway.as_deref(), pidfile_path.as_deref(), report.as_mut()) {
         Err(e) if report.is_some() => {
             // Say why before the waiting original process exits.
             eprintln!("flotilla: {e}");
@@ -271,6 +302,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
 
 fn run_vm(
     opts: &LaunchOptions,
+    formats: &[vm_config::DriveFormat],
+    bins: &Binaries<'_>,
     vmm_core: &Path,
     gateway_bin: Option<&Path>,
     pidfile_path: Option<&Path>,
@@ -293,13 +326,18 @@ fn run_vm(
     let instance = opts.machine.name.clone().unwrap_or_else(|| format!("vm{}", std::process::id()));
     let runtime = RuntimeDir::create(&instance)?;
     let _chardev_sockets = ChardevSockets::of(&opts.machine);
+    let plan = crate::device_plan::plan(&opts.devices, formats, runtime.path(), opts.machine.mem_bytes);
     let mut bus = PrivateBus::start(runtime.path())?;
-    let mut gateway = gateway_bin.map(|bin| Gateway::new(bin, &bus.address, &instance, &opts.qmp));
-    let (ready_r, ready_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).map_err(LaunchError::Pipe)?;
+    let mut daemons = DeviceDaemons::start(&plan, bins, &bus.address, &instance, &signals, opts.daemonize)?;
+    let mut gateway = gateway_bin.map(|bin| {
+        gateway(bin, &bus.address, &instance, &opts.qmp, DeviceDaemons::gateway_args(&plan)).pipe_stderr(false)
+    });
+    let (mut ready, ready_w) = ReadyPipe::new().map_err(LaunchError::Pipe)?;
     let ready_fd = ready_w.as_raw_fd();
 
-    let json = opts.machine.to_json();
+    let mut machine = opts.machine.clone();
+    machine.vhost_user_devices = plan.vhost_user_devices.clone();
+    let json = machine.to_json();
     tracing::debug!(vmm_core = %vmm_core.display(), config = %json, "starting vmm-core");
     let mut cmd = Command::new(vmm_core);
     cmd.arg("--config-json").arg(&json);
@@ -335,7 +373,6 @@ fn run_vm(
     }
     let mut child = cmd.spawn().map_err(|e| LaunchError::Spawn(vmm_core.to_path_buf(), e))?;
     drop(ready_w);
-    let mut ready = ReadyPipe(Some(File::from(ready_r)));
     let pid = Pid::from_raw(child.id() as i32);
     tracing::info!(pid = child.id(), "vmm-core started");
 
@@ -344,7 +381,7 @@ fn run_vm(
         // vmm-core's stderr reaches the user's terminal until the daemon detaches, /dev/null after.
         forwarder = std::thread::Builder::new()
             .name("stderr-forward".into())
-            .spawn(move || forward_stderr(err))
+            .spawn(move || crate::restart::forward_stderr(err))
             .map_err(|e| tracing::warn!("cannot forward vmm-core's stderr: {e}"))
             .ok();
     }
@@ -381,11 +418,12 @@ fn run_vm(
         }
     }
 
-    let status = supervise(&mut child, pid, &signals, &mut ready, gateway.as_mut(), &mut bus);
+    let status = supervise(&mut child, pid, &signals, &mut ready, gateway.as_mut(), &mut daemons, &mut bus);
     // vmm-core has ended: the rest of the instance goes, in order.
     if let Some(g) = gateway.as_mut() {
         g.stop();
     }
+    daemons.stop();
     bus.daemon.terminate(TERM_GRACE);
     drop(runtime);
     if let Some(t) = &tty_saved {
@@ -398,20 +436,6 @@ fn run_vm(
     let outcome = outcome_of(status);
     tracing::info!(?outcome, "vmm-core ended");
     Ok(outcome)
-}
-
-fn forward_stderr(mut from: std::process::ChildStderr) {
-    let mut buf = [0u8; 4096];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                let _ = io::stderr().write_all(&buf[..n]);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
-    }
 }
 
 /// Passes a termination signal on to vmm-core, unless the kernel sent it (a terminal's ^C or
@@ -432,45 +456,6 @@ fn forward(pid: Pid, sig: i32, si_code: i32) {
             }
         }
         Err(e) => tracing::warn!("unexpected signal {sig}: {e}"),
-    }
-}
-
-/// The read end of vmm-core's readiness pipe (non-blocking).
-struct ReadyPipe(Option<File>);
-
-impl ReadyPipe {
-    /// True once vmm-core has said `ready`; the pipe is closed then, or at its EOF.
-    fn check(&mut self) -> bool {
-        let Some(f) = self.0.as_mut() else { return false };
-        let mut buf = [0u8; 16];
-        match f.read(&mut buf) {
-            Ok(n) if n > 0 && buf[..n].starts_with(b"ready") => {
-                self.0 = None;
-                true
-            }
-            Ok(_) => {
-                // EOF (vmm-core failed or exited before it was ready) or a stray byte.
-                self.0 = None;
-                false
-            }
-            Err(_) => false, // EAGAIN: not yet
-        }
-    }
-
-    fn pending(&self) -> bool {
-        self.0.is_some()
-    }
-}
-
-/// Removes those of `paths` that exist and are sockets (never a user's file).
-fn remove_socket_files(paths: &[PathBuf], what: &str) {
-    use std::os::unix::fs::FileTypeExt;
-    for s in paths {
-        if std::fs::symlink_metadata(s).is_ok_and(|m| m.file_type().is_socket()) {
-            if let Err(e) = std::fs::remove_file(s) {
-                tracing::warn!("cannot remove the {what} socket {}: {e}", s.display());
-            }
-        }
     }
 }
 
@@ -500,115 +485,21 @@ impl Drop for ChardevSockets {
 }
 
 /// The QMP gateway of the instance: started once vmm-core is ready, restarted when it exits.
-struct Gateway {
-    program: PathBuf,
-    args: Vec<String>,
-    /// The unix sockets it serves: stale ones are removed before each start, all at the end.
-    sockets: Vec<PathBuf>,
-    proc: Option<Managed>,
-    /// When to start it (again); `None` before vmm-core is ready.
-    next_start: Option<Instant>,
-    backoff: Duration,
-    starts: u32,
-}
-
-impl Gateway {
-    fn new(program: &Path, address: &str, instance: &str, qmp: &[QmpSocket]) -> Gateway {
-        let mut args = vec!["--dbus-address".to_string(), address.to_string(), "--instance".into(), instance.into()];
-        for q in qmp {
-            args.push("--qmp".into());
-            args.push(q.gateway_spec());
-        }
-        let sockets = qmp
-            .iter()
-            .filter_map(|q| match q {
-                QmpSocket::Unix { path } => Some(path.clone()),
-                QmpSocket::Tcp { .. } => None,
-            })
-            .collect();
-        Gateway {
-            program: program.to_path_buf(),
-            args,
-            sockets,
-            proc: None,
-            next_start: None,
-            backoff: GATEWAY_BACKOFF.0,
-            starts: 0,
-        }
+fn gateway(program: &Path, address: &str, instance: &str, qmp: &[QmpSocket], extra: Vec<String>) -> Restartable {
+    let mut args = vec!["--dbus-address".to_string(), address.to_string(), "--instance".into(), instance.into()];
+    for q in qmp {
+        args.push("--qmp".into());
+        args.push(q.gateway_spec());
     }
-
-    fn remove_sockets(&self) {
-        remove_socket_files(&self.sockets, "QMP");
-    }
-
-    fn start(&mut self) {
-        self.remove_sockets();
-        self.starts += 1;
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args).stdin(Stdio::null());
-        tracing::debug!(program = %self.program.display(), args = ?self.args, "starting qmp-gateway");
-        match Managed::spawn("qmp-gateway", &mut cmd) {
-            Ok(p) => {
-                self.proc = Some(p);
-                self.next_start = None;
-            }
-            Err(e) => {
-                eprintln!("flotilla: cannot start qmp-gateway '{}': {e}", self.program.display());
-                self.schedule(Duration::ZERO);
-            }
-        }
-    }
-
-    /// Plans the next start after a run of `ran`.
-    fn schedule(&mut self, ran: Duration) {
-        if ran >= GATEWAY_STABLE {
-            self.backoff = GATEWAY_BACKOFF.0;
-        }
-        self.next_start = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(GATEWAY_BACKOFF.1);
-    }
-
-    /// vmm-core is ready: start now.
-    fn ready(&mut self) {
-        if self.proc.is_none() && self.starts == 0 {
-            self.start();
-        }
-    }
-
-    /// Notices an exit (and plans the restart), and restarts when it is time.
-    fn poll(&mut self) {
-        if let Some(p) = self.proc.as_mut() {
-            if let Ok(Some(status)) = p.child.try_wait() {
-                let ran = p.started.elapsed();
-                eprintln!(
-                    "flotilla: qmp-gateway (pid {}) exited ({}) after {ran:.1?}; restarting it",
-                    p.child.id(),
-                    describe(status)
-                );
-                self.proc = None;
-                self.schedule(ran);
-            }
-        }
-        if self.next_start.is_some_and(|t| Instant::now() >= t) {
-            self.start();
-        }
-    }
-
-    fn stop(&mut self) {
-        self.next_start = None;
-        if let Some(mut p) = self.proc.take() {
-            p.terminate(TERM_GRACE);
-        }
-        self.remove_sockets();
-    }
-}
-
-fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exit status {c}"),
-        (None, Some(s)) => format!("signal {s}"),
-        _ => format!("{status:?}"),
-    }
+    args.extend(extra);
+    let sockets = qmp
+        .iter()
+        .filter_map(|q| match q {
+            QmpSocket::Unix { path } => Some(path.clone()),
+            QmpSocket::Tcp { .. } => None,
+        })
+        .collect();
+    Restartable::new("qmp-gateway", program, args, sockets)
 }
 
 fn supervise(
@@ -616,7 +507,8 @@ fn supervise(
     pid: Pid,
     signals: &SigSet,
     ready: &mut ReadyPipe,
-    mut gateway: Option<&mut Gateway>,
+    mut gateway: Option<&mut Restartable>,
+    daemons: &mut DeviceDaemons,
     bus: &mut PrivateBus,
 ) -> ExitStatus {
     let mut bus_alive = true;
@@ -632,12 +524,15 @@ fn supervise(
         if ready.check() {
             tracing::info!("vmm-core is ready");
             if let Some(g) = gateway.as_mut() {
-                g.ready();
+                if g.starts() == 0 {
+                    g.start();
+                }
             }
         }
         if let Some(g) = gateway.as_mut() {
             g.poll();
         }
+        daemons.poll();
         if bus_alive && !bus.daemon.running() {
             bus_alive = false;
             eprintln!("flotilla: the instance's dbus-daemon exited; QMP is unavailable until the VM ends");
@@ -648,7 +543,8 @@ fn supervise(
         if ready.pending() {
             timeout = Duration::from_millis(20);
         }
-        if let Some(t) = gateway.as_ref().and_then(|g| g.next_start) {
+        let wakeups = gateway.as_ref().and_then(|g| g.next_start()).into_iter().chain(daemons.next_wakeup());
+        for t in wakeups {
             timeout = timeout.min(t.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
         }
         if let Some((sig, code)) = wait_signal(signals, Some(timeout)) {
