@@ -1,0 +1,273 @@
+//! The vhost-user side of one connection: features, config space, the three queue workers
+//! (one thread each: a long inflate never holds up a deflate the guest waits on), the held
+//! stats buffer and the poller that returns it to ask for fresh numbers.
+
+use std::io;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::device::{lock, Device};
+use crate::queues::{self, DEFLATE, INFLATE, NUM_QUEUES, STATS};
+
+/// Queue size offered to the frontend.
+pub const MAX_QUEUE_SIZE: usize = 256;
+
+// Feature bits of virtio 1.2 section 5.5.3 (virtio-bindings 0.2.7 has no virtio_balloon).
+pub const VIRTIO_BALLOON_F_MUST_TELL_HOST: u32 = 0;
+pub const VIRTIO_BALLOON_F_STATS_VQ: u32 = 1;
+pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u32 = 2;
+
+/// The virtio features offered.
+pub const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1
+    | 1 << VIRTIO_BALLOON_F_MUST_TELL_HOST
+    | 1 << VIRTIO_BALLOON_F_STATS_VQ
+    | 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("creating the exit event of worker {0}: {1}")]
+    ExitEvent(usize, #[source] io::Error),
+    #[error("starting the stats poller: {0}")]
+    Poller(#[source] io::Error),
+}
+
+/// One connection's backend; cloned into every worker thread.
+#[derive(Clone)]
+pub struct BalloonBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    device: Arc<Device>,
+    mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    exit: Vec<(EventConsumer, EventNotifier)>,
+    /// The stats buffer the guest handed us, held until we want fresh numbers, and its ring.
+    stats_held: Mutex<Option<(VringRwLock, u16)>>,
+}
+
+impl BalloonBackend {
+    pub fn new(device: Arc<Device>) -> Result<BalloonBackend, BackendError> {
+        let exit = (0..NUM_QUEUES)
+            .map(|i| new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(|e| BackendError::ExitEvent(i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(BalloonBackend {
+            inner: Arc::new(Inner { device, mem: Mutex::new(None), exit, stats_held: Mutex::new(None) }),
+        })
+    }
+
+    pub fn device(&self) -> &Arc<Device> {
+        &self.inner.device
+    }
+
+    /// Tells every worker thread to exit (the daemon does it itself when dropped).
+    pub fn stop_workers(&self) {
+        for (_, notifier) in &self.inner.exit {
+            let _ = notifier.notify();
+        }
+    }
+
+    /// Whether a stats buffer is held.
+    pub fn holds_stats_buffer(&self) -> bool {
+        lock(&self.inner.stats_held).is_some()
+    }
+
+    /// Returns the held stats buffer to the guest (used length 0), which asks it for fresh
+    /// numbers: it refills the buffer and queues it again. Does nothing while no buffer is held
+    /// or the ring is stopped. Returns whether a buffer went back.
+    pub fn request_stats(&self) -> io::Result<bool> {
+        let mut held = lock(&self.inner.stats_held);
+        let Some((vring, head)) = held.as_ref() else { return Ok(false) };
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(false);
+        }
+        vring.add_used(*head, 0).map_err(io::Error::other)?;
+        vring.signal_used_queue()?;
+        *held = None;
+        Ok(true)
+    }
+
+    /// Starts a thread that calls [`Self::request_stats`] every `interval` until the returned
+    /// poller is dropped.
+    pub fn spawn_stats_poller(&self, interval: Duration) -> Result<StatsPoller, BackendError> {
+        let (tx, rx) = mpsc::channel::<()>();
+        let backend = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("stats-poller".into())
+            .spawn(move || loop {
+                match rx.recv_timeout(interval) {
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Err(e) = backend.request_stats() {
+                            tracing::warn!("cannot return the stats buffer: {e}");
+                        }
+                    }
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                }
+            })
+            .map_err(BackendError::Poller)?;
+        Ok(StatsPoller { stop: Some(tx), thread: Some(thread) })
+    }
+
+    fn memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
+        lock(&self.inner.mem).clone()
+    }
+
+    /// Pops and handles every available chain of `queue`; returns whether any was completed.
+    fn process_queue(&self, queue: u16, vring: &VringRwLock) -> io::Result<bool> {
+        let Some(mem) = self.memory() else { return Ok(false) };
+        let mem = mem.memory();
+        let dev = &self.inner.device;
+        let mut used_any = false;
+        loop {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            match queue {
+                INFLATE => queues::inflate(dev, &chain),
+                DEFLATE => queues::deflate(dev, &chain),
+                _ => {
+                    queues::stats(dev, &chain);
+                    // Keep this buffer; a driver that sends another while we hold one gets the
+                    // old one back (QEMU does the same).
+                    let old = lock(&self.inner.stats_held).replace((vring.clone(), head));
+                    if let Some((_, old_head)) = old {
+                        vring.add_used(old_head, 0).map_err(io::Error::other)?;
+                        used_any = true;
+                    }
+                    continue;
+                }
+            }
+            vring.add_used(head, 0).map_err(io::Error::other)?;
+            used_any = true;
+        }
+        Ok(used_any)
+    }
+}
+
+/// Returns the stats buffer periodically; stops when dropped.
+pub struct StatsPoller {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for StatsPoller {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl VhostUserBackend for BalloonBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        tracing::info!(
+            features = format_args!("{features:#x}"),
+            stats_vq = features & (1 << VIRTIO_BALLOON_F_STATS_VQ) != 0,
+            must_tell_host = features & (1 << VIRTIO_BALLOON_F_MUST_TELL_HOST) != 0,
+            "frontend acked features"
+        );
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // EVENT_IDX is not offered: the balloon's queues carry a few buffers a second at most.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.inner.device.config().read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        self.inner.device.write_config(offset, buf);
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *lock(&self.inner.mem) = Some(mem);
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        tracing::info!("backend-request channel set: config changes go to the frontend");
+        self.inner.device.set_backend(Some(backend));
+    }
+
+    fn reset_device(&self) {
+        // The driver starts over: the buffer we held belongs to a ring that is gone.
+        lock(&self.inner.stats_held).take();
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE on the stats ring while we hold its buffer: step the ring's next
+        // index back over it, so the base the frontend keeps has the buffer still available
+        // and we pop it again when the ring restarts (vhost-user's in-flight resubmission).
+        // It is the last chain we popped: a newer one replaces (and returns) it.
+        if queue_index == u32::from(STATS) {
+            if let Some((vring, _)) = lock(&self.inner.stats_held).take() {
+                let next = vring.queue_next_avail();
+                vring.set_queue_next_avail(next.wrapping_sub(1));
+            }
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..NUM_QUEUES).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.inner.exit.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Err(io::Error::other(format!("event for unknown queue {device_event}")));
+        };
+        if self.process_queue(device_event, vring)? {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,230 @@
+//! The balloon device's state, shared by every connection and by the D-Bus side: the config
+//! space, the guest's last stats, what reclaiming has done so far, where events go, and the
+//! thread that tells the frontend about config changes.
+//!
+//! It lives for the whole process (a frontend that reconnects finds the target and the
+//! guest's `actual` as they were); the per-connection parts are in [`crate::backend`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use flotilla_schema::types::BalloonInfo;
+use serde_json::{json, Value};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+
+use crate::config::{self, BalloonConfig, TargetError};
+use crate::stats::{self, GuestStats};
+
+/// A QMP event: name, `data`, when it happened.
+pub type Event = (&'static str, Value, SystemTime);
+/// Where events go (the D-Bus side, or a test).
+pub type EventSink = Box<dyn Fn(Event) + Send + Sync>;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Running totals since the process started.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Pages hole-punched.
+    pub freed: AtomicU64,
+    /// Inflated PFNs refused (outside guest RAM, in a hole, not whole in a region).
+    pub refused: AtomicU64,
+    /// Pages whose hole punch failed.
+    pub punch_failed: AtomicU64,
+    /// PFNs the guest took back (deflate).
+    pub deflated: AtomicU64,
+    /// Inflate/deflate chains refused whole (writable descriptor, outside memory, too long).
+    pub chains_refused: AtomicU64,
+    /// Stats buffers received.
+    pub stats_buffers: AtomicU64,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterValues {
+    pub freed: u64,
+    pub refused: u64,
+    pub punch_failed: u64,
+    pub deflated: u64,
+    pub chains_refused: u64,
+    pub stats_buffers: u64,
+}
+
+impl Counters {
+    pub fn values(&self) -> CounterValues {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterValues {
+            freed: l(&self.freed),
+            refused: l(&self.refused),
+            punch_failed: l(&self.punch_failed),
+            deflated: l(&self.deflated),
+            chains_refused: l(&self.chains_refused),
+            stats_buffers: l(&self.stats_buffers),
+        }
+    }
+}
+
+pub(crate) fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The backend-request channel of the current connection and whether a CONFIG_CHANGE_MSG is
+/// owed to it.
+#[derive(Default)]
+struct Notify {
+    backend: Option<Backend>,
+    pending: bool,
+    /// Config changes sent (and acked, with REPLY_ACK).
+    sent: u64,
+    stop: bool,
+}
+
+pub struct Device {
+    mem_bytes: u64,
+    config: Mutex<BalloonConfig>,
+    stats: Mutex<Option<GuestStats>>,
+    events: Mutex<Option<EventSink>>,
+    notify: Arc<(Mutex<Notify>, Condvar)>,
+    pub counters: Counters,
+}
+
+impl Device {
+    /// A device for a guest of `mem_bytes` of RAM, with its notifier thread.
+    pub fn new(mem_bytes: u64) -> std::io::Result<Arc<Device>> {
+        let notify: Arc<(Mutex<Notify>, Condvar)> = Arc::default();
+        let n = notify.clone();
+        std::thread::Builder::new().name("config-change".into()).spawn(move || notifier(&n))?;
+        Ok(Arc::new(Device {
+            mem_bytes,
+            config: Mutex::new(BalloonConfig::default()),
+            stats: Mutex::new(None),
+            events: Mutex::new(None),
+            notify,
+            counters: Counters::default(),
+        }))
+    }
+
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_bytes
+    }
+
+    pub fn config(&self) -> BalloonConfig {
+        *lock(&self.config)
+    }
+
+    pub fn set_event_sink(&self, sink: Option<EventSink>) {
+        *lock(&self.events) = sink;
+    }
+
+    /// QMP `balloon`: a new target (bytes of guest RAM). `num_pages` changes and the frontend
+    /// is told (CONFIG_CHANGE_MSG, sent by the notifier thread: the command does not wait for
+    /// the guest, as QEMU's does not). Returns the new `num_pages`.
+    pub fn set_target(&self, target: i64) -> Result<u32, TargetError> {
+        let pages = config::num_pages_for_target(self.mem_bytes, target)?;
+        lock(&self.config).num_pages = pages;
+        tracing::info!(target, num_pages = pages, "new balloon target");
+        let (m, cv) = &*self.notify;
+        lock(m).pending = true;
+        cv.notify_all();
+        Ok(pages)
+    }
+
+    /// SET_CONFIG from the driver; emits BALLOON_CHANGE when `actual` changed.
+    pub fn write_config(&self, offset: u32, buf: &[u8]) {
+        let (old, new) = {
+            let mut c = lock(&self.config);
+            let old = c.actual;
+            (old, c.write(offset, buf))
+        };
+        if old != new {
+            tracing::info!(actual_pages = new, "guest balloon size changed");
+            self.emit("BALLOON_CHANGE", json!({ "actual": config::actual_bytes(self.mem_bytes, new) }));
+        }
+    }
+
+    fn emit(&self, name: &'static str, data: Value) {
+        if let Some(sink) = lock(&self.events).as_ref() {
+            sink((name, data, SystemTime::now()));
+        }
+    }
+
+    pub fn store_stats(&self, s: GuestStats) {
+        *lock(&self.stats) = Some(s);
+    }
+
+    pub fn stats(&self) -> Option<GuestStats> {
+        lock(&self.stats).clone()
+    }
+
+    /// query-balloon: `actual` always, the guest's numbers once it has reported them (each only
+    /// if the guest sent its tag, as QEMU 1.1 did).
+    pub fn info(&self) -> BalloonInfo {
+        let actual = config::actual_bytes(self.mem_bytes, self.config().actual);
+        let s = self.stats();
+        let get = |tag| s.as_ref().and_then(|s| s.get(tag)).map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+        BalloonInfo {
+            actual,
+            mem_swapped_in: get(stats::S_SWAP_IN),
+            mem_swapped_out: get(stats::S_SWAP_OUT),
+            major_page_faults: get(stats::S_MAJFLT),
+            minor_page_faults: get(stats::S_MINFLT),
+            free_mem: get(stats::S_MEMFREE),
+            total_mem: get(stats::S_MEMTOT),
+        }
+    }
+
+    /// A connection's backend-request channel (None when it ends). A config change owed to an
+    /// earlier connection is dropped: a new driver reads the config space itself.
+    pub fn set_backend(&self, backend: Option<Backend>) {
+        let mut n = lock(&self.notify.0);
+        n.backend = backend;
+        n.pending = false;
+    }
+
+    /// CONFIG_CHANGE_MSGs sent so far.
+    pub fn config_changes_sent(&self) -> u64 {
+        lock(&self.notify.0).sent
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.notify;
+        lock(m).stop = true;
+        cv.notify_all();
+    }
+}
+
+/// Sends CONFIG_CHANGE_MSG whenever one is owed and a channel exists. Its own thread because
+/// with REPLY_ACK the send waits for the frontend's ack, which must hold up neither the D-Bus
+/// side nor a vhost-user worker; requests made meanwhile are folded into one.
+fn notifier(notify: &(Mutex<Notify>, Condvar)) {
+    let (m, cv) = notify;
+    loop {
+        let backend = {
+            let mut n = lock(m);
+            loop {
+                if n.stop {
+                    return;
+                }
+                if n.pending && n.backend.is_some() {
+                    break;
+                }
+                n = cv.wait(n).unwrap_or_else(|p| p.into_inner());
+            }
+            n.pending = false;
+            n.backend.clone()
+        };
+        let Some(backend) = backend else { continue };
+        match backend.handle_config_change() {
+            Ok(_) => {
+                lock(m).sent += 1;
+                tracing::debug!("config change sent to the frontend");
+            }
+            Err(e) => tracing::warn!("cannot send CONFIG_CHANGE_MSG to the frontend: {e}"),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Unit tests over virtio-queue mock chains (filled in below).
