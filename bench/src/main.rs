@@ -1,6 +1,7 @@
 //! flotilla-bench: Flotilla against qemu-system-x86_64, side by side in one run, on the same
 //! test guest (see bench/README.md). JSON report on stdout, a short table on stderr.
 
+mod block;
 mod dbusprobe;
 mod error;
 mod procfs;
@@ -29,6 +30,7 @@ use vmproc::Spec;
 
 const USAGE: &str = "\
 usage: flotilla-bench [all|boot|memory|qmp] [options]
+       flotilla-bench block [options]   (see flotilla-bench block --help)
 
   all (default)   boot times, memory overhead, then QMP round trips
   boot            process start -> the guest's first serial line and READY, N interleaved runs
@@ -513,6 +515,9 @@ fn run_qmp(
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "block") {
+        return block::main(&args[1..]);
+    }
     let opts = match parse_args(&args) {
         Ok(Some(o)) => o,
         Ok(None) => {
