@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
@@ -18,7 +19,8 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
-use crate::request::{Drive, SECTOR_SIZE};
+use crate::engine::{DriveRuntime, Request};
+use crate::request::SECTOR_SIZE;
 
 /// Queue size offered to the frontend (it may pick a smaller one).
 pub const MAX_QUEUE_SIZE: usize = 256;
@@ -39,17 +41,17 @@ pub struct BlockBackend {
 }
 
 struct Inner {
-    drive: Arc<Drive>,
+    drive: Arc<DriveRuntime>,
     num_queues: usize,
     event_idx: Mutex<bool>,
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     exit: Vec<(EventConsumer, EventNotifier)>,
     /// Requests completed on each queue in this connection.
-    served: Vec<AtomicU64>,
+    served: Arc<Vec<AtomicU64>>,
 }
 
 impl BlockBackend {
-    pub fn new(drive: Arc<Drive>, num_queues: usize) -> Result<BlockBackend, BackendError> {
+    pub fn new(drive: Arc<DriveRuntime>, num_queues: usize) -> Result<BlockBackend, BackendError> {
         let exit = (0..num_queues)
             .map(|i| new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(|e| BackendError::ExitEvent(i, e)))
             .collect::<Result<Vec<_>, _>>()?;
@@ -60,7 +62,7 @@ impl BlockBackend {
                 event_idx: Mutex::new(false),
                 mem: Mutex::new(None),
                 exit,
-                served: (0..num_queues).map(|_| AtomicU64::new(0)).collect(),
+                served: Arc::new((0..num_queues).map(|_| AtomicU64::new(0)).collect()),
             }),
         })
     }
@@ -79,9 +81,11 @@ impl BlockBackend {
 
     /// The virtio-blk config space (little-endian `struct virtio_blk_config`).
     pub fn config_space(&self) -> [u8; CONFIG_LEN] {
-        let d = &self.inner.drive;
+        let d = &self.inner.drive.drive;
         let mut c = [0u8; CONFIG_LEN];
-        c[0..8].copy_from_slice(&(d.disk.size() / SECTOR_SIZE).to_le_bytes()); // capacity
+        // capacity: whole sectors, a partial last one rounded up (as QEMU does).
+        let capacity = d.disk().size().div_ceil(SECTOR_SIZE);
+        c[0..8].copy_from_slice(&capacity.to_le_bytes());
         c[8..12].copy_from_slice(&d.limits.size_max.to_le_bytes()); // size_max
         c[12..16].copy_from_slice(&d.limits.seg_max.to_le_bytes()); // seg_max
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
@@ -95,23 +99,22 @@ impl BlockBackend {
         c
     }
 
-    fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<bool> {
+    /// Pops every available chain and hands it to the drive's I/O pool, which completes it
+    /// (used ring + interrupt) when its I/O is done: the queue depth the guest offers is kept.
+    fn process_queue(&self, queue: usize, vring: &VringRwLock, event_idx: bool) {
         let mem = self.inner.mem.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(mem) = mem else { return Ok(false) };
+        let Some(mem) = mem else { return };
         let mem = mem.memory();
-        let mut used_any = false;
         loop {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let done = self.inner.drive.process(chain);
-            vring.add_used(head, done.used_len).map_err(io::Error::other)?;
-            used_any = true;
-            if let Some(c) = self.inner.served.get(queue) {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
+            self.inner.drive.submit(Request {
+                chain,
+                vring: vring.clone(),
+                event_idx,
+                served: Some((self.inner.served.clone(), queue)),
+            });
         }
-        Ok(used_any)
     }
 }
 
@@ -137,7 +140,7 @@ impl VhostUserBackend for BlockBackend {
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_MQ
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if self.inner.drive.readonly {
+        if self.inner.drive.drive.readonly {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
             f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
@@ -154,7 +157,15 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        // Where CONFIG_CHANGE_MSG goes after a block_resize.
+        self.inner.drive.set_backend_req(Some(backend));
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -186,7 +197,13 @@ impl VhostUserBackend for BlockBackend {
         Some((c.try_clone().ok()?, n.try_clone().ok()?))
     }
 
-    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], thread: usize) -> io::Result<()> {
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread: usize,
+    ) -> io::Result<()> {
         // One queue per worker thread (see `queues_per_thread`): the thread index is the queue.
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
@@ -196,19 +213,16 @@ impl VhostUserBackend for BlockBackend {
         };
         let event_idx = *self.inner.event_idx.lock().unwrap_or_else(|p| p.into_inner());
         if event_idx {
-            // Process until the guest adds nothing more while notifications are off.
+            // Take chains until the guest adds nothing more while notifications are off.
             loop {
                 vring.disable_notification().map_err(io::Error::other)?;
-                let used = self.process_queue(thread, vring)?;
-                if used && vring.needs_notification().map_err(io::Error::other)? {
-                    vring.signal_used_queue()?;
-                }
+                self.process_queue(thread, vring, true);
                 if !vring.enable_notification().map_err(io::Error::other)? {
                     break;
                 }
             }
-        } else if self.process_queue(thread, vring)? {
-            vring.signal_used_queue()?;
+        } else {
+            self.process_queue(thread, vring, false);
         }
         Ok(())
     }

@@ -1,14 +1,20 @@
-//! `blockd`: a standalone vhost-user-blk backend program, following the vhost-user spec's
-//! conventions for backend programs.
+//! `blockd`: serves the drives of a VM over vhost-user-blk, and the QMP block commands on
+//! D-Bus. Two forms:
 //!
 //! ```text
-//! blockd --socket-path PATH --drive file=IMG,format=raw|qcow2[,readonly=on][,serial=S]
-//! blockd --fd N --drive ...          # N: an inherited, listening unix socket
+//! blockd --config-json JSON --dbus-address ADDR --instance NAME [--ready-fd FD]
+//! blockd (--socket-path PATH | --fd N) --drive file=IMG,format=raw|qcow2[,readonly=on][,serial=S]
+//!        [,id=ID][,cache=MODE][,werror=ACTION][,rerror=ACTION] [--num-queues N]
+//!        [--dbus-address ADDR --instance NAME]
 //! blockd --print-capabilities        # {"type": "block", ...}
 //! ```
-//! Options: `--num-queues N` (default 4), `--blk-file PATH` and `--read-only` (the spec's names,
-//! for a raw image). Every connection gets a new daemon, so a frontend that disconnects and
-//! reconnects is served again; the image is flushed whenever a connection ends.
+//! The first is how the launcher starts it: JSON is a `vm_config::BlockdConfig`; every drive
+//! with a socket is served on it, every drive (with or without one) is listed by query-block;
+//! `ready\n` goes to FD (then closed) once every socket listens and the bus name is owned.
+//! The second is a plain vhost-user backend program (the vhost-user spec's conventions:
+//! `--socket-path`, `--fd`, `--print-capabilities`, and `--blk-file PATH --read-only`).
+//! Every connection gets a new daemon, so a frontend that disconnects and reconnects is served
+//! again; the image is flushed whenever a connection ends.
 
 use std::os::unix::io::FromRawFd;
 use std::path::PathBuf;
@@ -16,40 +22,59 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use blockd::backend::BlockBackend;
-use blockd::disk::{self, Format};
+use blockd::dbus::DbusServer;
+use blockd::disk::{self, Format, OpenFlags};
+use blockd::engine::{DriveRuntime, Image};
 use blockd::request::{Drive, Limits, ID_BYTES};
+use blockd::service::BlockService;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
+use vm_config::{BlockdConfig, CacheMode, DriveConfig, DriveFormat, ErrorAction};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-const USAGE: &str = "usage: blockd (--socket-path PATH | --fd N) --drive file=IMG,format=raw|qcow2[,readonly=on][,serial=S] [--num-queues N]\n       blockd --print-capabilities";
+const USAGE: &str = "usage: blockd --config-json JSON --dbus-address ADDR --instance NAME [--ready-fd FD]\n       \
+blockd (--socket-path PATH | --fd N) --drive file=IMG,format=raw|qcow2[,readonly=on][,serial=S][,id=ID][,cache=C][,werror=A][,rerror=A] [--num-queues N] [--dbus-address ADDR --instance NAME]\n       \
+blockd --print-capabilities";
 
 #[derive(Debug, thiserror::Error)]
 enum MainError {
     #[error("{0}\n{USAGE}")]
     Usage(String),
-    #[error(transparent)]
-    Open(#[from] disk::OpenError),
-    #[error("listening on the vhost-user socket: {0}")]
-    Listen(#[source] vhost::vhost_user::Error),
+    #[error("--config-json: {0}")]
+    Config(#[source] vm_config::ConfigError),
+    #[error("drive '{id}': {source}")]
+    Open {
+        id: String,
+        #[source]
+        source: disk::OpenError,
+    },
+    #[error("listening on {path}: {source}")]
+    Listen {
+        path: String,
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
     #[error("setting up the backend: {0}")]
     Backend(#[from] blockd::backend::BackendError),
     #[error("serving a connection: {0}")]
     Daemon(vhost_user_backend::Error),
+    #[error(transparent)]
+    Dbus(#[from] blockd::dbus::DbusError),
 }
 
-struct DriveSpec {
-    file: PathBuf,
-    format: Format,
-    readonly: bool,
-    serial: Option<String>,
+/// Where a drive's frontend connects.
+enum SocketSpec {
+    Path(PathBuf),
+    Fd(i32),
 }
 
 struct Args {
-    socket_path: Option<PathBuf>,
-    fd: Option<i32>,
-    drive: Option<DriveSpec>,
-    num_queues: usize,
+    config: Option<BlockdConfig>,
+    socket: Option<SocketSpec>,
+    drive: Option<DriveConfig>,
+    num_queues: u16,
+    dbus: Option<(String, String)>,
+    ready_fd: Option<i32>,
     print_capabilities: bool,
 }
 
@@ -61,45 +86,109 @@ fn on_off(key: &str, v: &str) -> Result<bool, MainError> {
     }
 }
 
-/// `file=IMG,format=raw|qcow2[,readonly=on|off][,serial=S]` (QEMU's -drive spelling).
-fn parse_drive(spec: &str) -> Result<DriveSpec, MainError> {
-    let (mut file, mut format, mut readonly, mut serial) = (None, Format::Raw, false, None);
+fn cache_mode(v: &str) -> Result<CacheMode, MainError> {
+    Ok(match v {
+        "writeback" => CacheMode::Writeback,
+        "none" => CacheMode::None,
+        "writethrough" => CacheMode::Writethrough,
+        "directsync" => CacheMode::Directsync,
+        "unsafe" => CacheMode::Unsafe,
+        _ => return Err(MainError::Usage(format!("cache={v}: writeback, none, writethrough, directsync or unsafe"))),
+    })
+}
+
+fn error_action(k: &str, v: &str) -> Result<ErrorAction, MainError> {
+    Ok(match v {
+        "report" => ErrorAction::Report,
+        "ignore" => ErrorAction::Ignore,
+        "stop" => ErrorAction::Stop,
+        "enospc" => ErrorAction::Enospc,
+        _ => return Err(MainError::Usage(format!("{k}={v}: report, ignore, stop or enospc"))),
+    })
+}
+
+/// `file=IMG,format=raw|qcow2[,readonly=on|off][,serial=S][,id=..][,cache=..][,werror=..][,rerror=..]`
+/// (QEMU's -drive spelling).
+fn parse_drive(spec: &str) -> Result<DriveConfig, MainError> {
+    let mut d = DriveConfig {
+        id: "drive0".into(),
+        file: PathBuf::new(),
+        format: DriveFormat::Raw,
+        readonly: false,
+        cache: CacheMode::Writeback,
+        werror: ErrorAction::Enospc,
+        rerror: ErrorAction::Report,
+        serial: None,
+        socket: None,
+        num_queues: 4,
+    };
+    let mut file = None;
     for part in spec.split(',') {
-        let (k, v) = part.split_once('=').ok_or_else(|| MainError::Usage(format!("--drive: '{part}' is not key=value")))?;
+        let (k, v) =
+            part.split_once('=').ok_or_else(|| MainError::Usage(format!("--drive: '{part}' is not key=value")))?;
         match k {
             "file" => file = Some(PathBuf::from(v)),
-            "format" => format = v.parse().map_err(MainError::Usage)?,
-            "readonly" => readonly = on_off(k, v)?,
-            "serial" => serial = Some(v.to_string()),
+            "format" => {
+                d.format = match v.parse::<Format>().map_err(MainError::Usage)? {
+                    Format::Raw => DriveFormat::Raw,
+                    Format::Qcow2 => DriveFormat::Qcow2,
+                }
+            }
+            "readonly" => d.readonly = on_off(k, v)?,
+            "serial" => d.serial = Some(v.to_string()),
+            "id" => d.id = v.to_string(),
+            "cache" => d.cache = cache_mode(v)?,
+            "werror" => d.werror = error_action(k, v)?,
+            "rerror" => d.rerror = error_action(k, v)?,
             _ => return Err(MainError::Usage(format!("--drive: unknown option '{k}'"))),
         }
     }
-    let file = file.ok_or_else(|| MainError::Usage("--drive needs file=".into()))?;
-    Ok(DriveSpec { file, format, readonly, serial })
+    d.file = file.ok_or_else(|| MainError::Usage("--drive needs file=".into()))?;
+    Ok(d)
 }
 
 fn parse_args() -> Result<Args, MainError> {
-    let mut args = Args { socket_path: None, fd: None, drive: None, num_queues: 4, print_capabilities: false };
-    let mut blk_file = None;
-    let mut read_only = false;
+    let mut args = Args {
+        config: None,
+        socket: None,
+        drive: None,
+        num_queues: 4,
+        dbus: None,
+        ready_fd: None,
+        print_capabilities: false,
+    };
+    let (mut blk_file, mut read_only, mut address, mut instance) = (None, false, None, None);
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
             Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let mut value = || inline.clone().or_else(|| it.next()).ok_or_else(|| MainError::Usage(format!("{name} needs a value")));
+        let mut value =
+            || inline.clone().or_else(|| it.next()).ok_or_else(|| MainError::Usage(format!("{name} needs a value")));
         match name.as_str() {
-            "--socket-path" => args.socket_path = Some(PathBuf::from(value()?)),
-            "--fd" => args.fd = Some(value()?.parse().map_err(|_| MainError::Usage("--fd: not a number".into()))?),
+            "--config-json" => args.config = Some(BlockdConfig::from_json(&value()?).map_err(MainError::Config)?),
+            "--socket-path" => args.socket = Some(SocketSpec::Path(PathBuf::from(value()?))),
+            "--fd" => {
+                let fd = value()?.parse().map_err(|_| MainError::Usage("--fd: not a number".into()))?;
+                args.socket = Some(SocketSpec::Fd(fd));
+            }
             "--drive" => args.drive = Some(parse_drive(&value()?)?),
             "--blk-file" => blk_file = Some(PathBuf::from(value()?)),
             "--read-only" => read_only = true,
             "--num-queues" => {
-                args.num_queues = value()?.parse().map_err(|_| MainError::Usage("--num-queues: not a number".into()))?;
+                args.num_queues =
+                    value()?.parse().map_err(|_| MainError::Usage("--num-queues: not a number".into()))?;
                 if !(1..=64).contains(&args.num_queues) {
                     return Err(MainError::Usage("--num-queues: 1 to 64".into()));
                 }
+            }
+            "--dbus-address" => address = Some(value()?),
+            "--instance" => instance = Some(value()?),
+            "--ready-fd" => {
+                let fd = value()?.parse().ok().filter(|&n: &i32| n > 2);
+                args.ready_fd =
+                    Some(fd.ok_or_else(|| MainError::Usage("--ready-fd needs a descriptor above 2".into()))?);
             }
             "--print-capabilities" => args.print_capabilities = true,
             "-h" | "--help" => return Err(MainError::Usage(String::new())),
@@ -107,11 +196,75 @@ fn parse_args() -> Result<Args, MainError> {
         }
     }
     if let Some(file) = blk_file {
-        args.drive = Some(DriveSpec { file, format: Format::Raw, readonly: read_only, serial: None });
+        let mut d = parse_drive(&format!("file={}", file.display()))?;
+        d.readonly = read_only;
+        args.drive = Some(d);
     } else if let Some(d) = args.drive.as_mut() {
         d.readonly |= read_only;
     }
+    match (address, instance) {
+        (Some(a), Some(i)) => args.dbus = Some((a, i)),
+        (None, None) => {}
+        _ => return Err(MainError::Usage("--dbus-address and --instance go together".into())),
+    }
     Ok(args)
+}
+
+/// Opens a drive's image and wraps it for serving.
+fn open_drive(cfg: &DriveConfig) -> Result<Arc<DriveRuntime>, MainError> {
+    let direct = matches!(cfg.cache, CacheMode::None | CacheMode::Directsync);
+    let format = Format::from(cfg.format);
+    let flags = OpenFlags { readonly: cfg.readonly, direct };
+    let disk = disk::open(&cfg.file, format, flags).map_err(|source| MainError::Open { id: cfg.id.clone(), source })?;
+    let mut serial = cfg.serial.clone().unwrap_or_else(|| cfg.id.clone()).into_bytes();
+    serial.truncate(ID_BYTES);
+    let mut drive = Drive::new(disk, cfg.readonly, serial, Limits::default());
+    drive.cache = cfg.cache;
+    drive.werror = cfg.werror;
+    drive.rerror = cfg.rerror;
+    tracing::info!(id = %cfg.id, file = %cfg.file.display(), ?format, readonly = cfg.readonly, cache = ?cfg.cache,
+        werror = ?cfg.werror, rerror = ?cfg.rerror, capacity = drive.disk().size(), "drive open");
+    Ok(DriveRuntime::new(&cfg.id, drive, Image { file: cfg.file.clone(), format }, direct))
+}
+
+fn listen(spec: &SocketSpec) -> Result<Listener, MainError> {
+    match spec {
+        SocketSpec::Path(path) => {
+            Listener::new(path, true).map_err(|source| MainError::Listen { path: path.display().to_string(), source })
+        }
+        // SAFETY: the caller hands us this descriptor as a listening unix socket (the
+        // vhost-user spec's --fd convention); nothing else in this process owns it.
+        SocketSpec::Fd(fd) => Ok(unsafe { Listener::from_raw_fd(*fd) }),
+    }
+}
+
+/// Serves one drive's socket: a new daemon per frontend connection, for ever.
+fn serve_socket(drive: Arc<DriveRuntime>, mut listener: Listener, num_queues: usize) -> Result<(), MainError> {
+    loop {
+        let backend = BlockBackend::new(drive.clone(), num_queues)?;
+        let mut daemon =
+            VhostUserDaemon::new("blockd".into(), backend.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+                .map_err(MainError::Daemon)?;
+        daemon.start(&mut listener).map_err(MainError::Daemon)?;
+        tracing::info!(device = %drive.id, "frontend connected");
+        match daemon.wait() {
+            Ok(()) => tracing::info!(device = %drive.id, "frontend disconnected"),
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!(device = %drive.id, "frontend disconnected"),
+            Err(e) => tracing::warn!(device = %drive.id, "connection ended: {e}"),
+        }
+        tracing::info!(device = %drive.id, served = ?backend.served(), "requests completed per queue");
+        backend.stop_workers();
+        drop(daemon);
+        drive.set_backend_req(None);
+        drive.drop_held();
+        if !drive.drive.readonly {
+            if let Err(e) = drive.drive.disk().flush() {
+                tracing::error!(device = %drive.id, "flushing the image after the connection: {e}");
+            }
+        }
+    }
 }
 
 fn run() -> Result<(), MainError> {
@@ -120,52 +273,96 @@ fn run() -> Result<(), MainError> {
         println!("{{\"type\": \"block\", \"features\": [\"read-only\", \"blk-file\"]}}");
         return Ok(());
     }
-    let spec = args.drive.ok_or_else(|| MainError::Usage("no --drive given".into()))?;
-    let mut listener = match (&args.socket_path, args.fd) {
-        (Some(path), None) => Listener::new(path, true).map_err(MainError::Listen)?,
-        // SAFETY: the caller hands us this descriptor as a listening unix socket (the
-        // vhost-user spec's --fd convention); nothing else in this process owns it.
-        (None, Some(fd)) => unsafe { Listener::from_raw_fd(fd) },
-        _ => return Err(MainError::Usage("give exactly one of --socket-path and --fd".into())),
-    };
-    let disk = disk::open(&spec.file, spec.format, spec.readonly)?;
-    let serial = spec
-        .serial
-        .unwrap_or_else(|| spec.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    let mut serial = serial.into_bytes();
-    serial.truncate(ID_BYTES);
-    let drive = Arc::new(Drive { disk, readonly: spec.readonly, serial, limits: Limits::default() });
-    tracing::info!(file = %spec.file.display(), format = ?spec.format, readonly = spec.readonly,
-        capacity = drive.disk.size(), "serving");
-    flush_and_exit_on_signal(drive.clone());
-
-    loop {
-        let backend = BlockBackend::new(drive.clone(), args.num_queues)?;
-        let mut daemon = VhostUserDaemon::new("blockd".into(), backend.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
-            .map_err(MainError::Daemon)?;
-        daemon.start(&mut listener).map_err(MainError::Daemon)?;
-        tracing::info!("frontend connected");
-        match daemon.wait() {
-            Ok(()) => tracing::info!("frontend disconnected"),
-            Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => tracing::info!("frontend disconnected"),
-            Err(e) => tracing::warn!("connection ended: {e}"),
-        }
-        tracing::info!(served = ?backend.served(), "requests completed per queue");
-        backend.stop_workers();
-        drop(daemon);
-        if !spec.readonly {
-            if let Err(e) = drive.disk.flush() {
-                tracing::error!("flushing the image after the connection: {e}");
+    // (drive config, where its frontend connects)
+    let mut drives: Vec<(DriveConfig, Option<SocketSpec>)> = Vec::new();
+    match (args.config, args.drive) {
+        (Some(cfg), None) if args.socket.is_none() => {
+            if args.dbus.is_none() {
+                return Err(MainError::Usage("--config-json needs --dbus-address and --instance".into()));
+            }
+            for d in cfg.drives {
+                let s = d.socket.clone().map(SocketSpec::Path);
+                drives.push((d, s));
             }
         }
+        (None, Some(mut d)) => {
+            // Standalone: GET_ID answers the image's file name unless serial= says otherwise.
+            if d.serial.is_none() {
+                d.serial = d.file.file_name().map(|n| n.to_string_lossy().into_owned());
+            }
+            let socket = args.socket.ok_or_else(|| MainError::Usage("give one of --socket-path and --fd".into()))?;
+            d.num_queues = args.num_queues;
+            drives.push((d, Some(socket)));
+        }
+        (None, None) => return Err(MainError::Usage("no --drive or --config-json given".into())),
+        _ => return Err(MainError::Usage("--config-json goes without --drive, --socket-path and --fd".into())),
+    }
+    let mut ids = std::collections::HashSet::new();
+    for (d, _) in &drives {
+        if !ids.insert(d.id.clone()) {
+            return Err(MainError::Usage(format!("drive id '{}' given twice", d.id)));
+        }
+    }
+
+    let mut runtimes = Vec::new();
+    let mut listeners = Vec::new();
+    for (cfg, socket) in &drives {
+        let rt = open_drive(cfg)?;
+        if let Some(s) = socket {
+            listeners.push((rt.clone(), listen(s)?, usize::from(cfg.num_queues.clamp(1, 64))));
+        }
+        runtimes.push(rt);
+    }
+    flush_and_exit_on_signal(runtimes.clone());
+    let svc = Arc::new(BlockService::new(runtimes));
+    let _dbus = match &args.dbus {
+        Some((address, instance)) => Some(DbusServer::start(svc.clone(), address, instance)?),
+        None => None,
+    };
+
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(String, MainError)>();
+    for (rt, listener, nq) in listeners {
+        let tx = done_tx.clone();
+        let id = rt.id.clone();
+        std::thread::Builder::new()
+            .name(format!("vu-{id}"))
+            .spawn(move || {
+                if let Err(e) = serve_socket(rt, listener, nq) {
+                    let _ = tx.send((id, e));
+                }
+            })
+            .map_err(|e| MainError::Usage(format!("cannot start a thread: {e}")))?;
+    }
+    drop(done_tx);
+    if let Some(fd) = args.ready_fd {
+        report_ready(fd);
+    }
+    match done_rx.recv() {
+        Ok((id, e)) => {
+            tracing::error!(device = %id, "serving the drive failed: {e}");
+            Err(e)
+        }
+        // No socket at all (only socket-less drives): serve D-Bus until a signal ends us.
+        Err(_) => loop {
+            std::thread::park();
+        },
     }
 }
 
-/// SIGTERM, SIGINT and SIGHUP flush the image (qcow2 metadata lives in imago's caches) and end
-/// the process. The signals are blocked in every thread and taken by one waiting thread.
-fn flush_and_exit_on_signal(drive: Arc<Drive>) {
+/// Writes `ready\n` to the launcher's pipe and closes it.
+fn report_ready(fd: i32) {
+    use std::io::Write;
+    // SAFETY: the launcher passed this descriptor for us alone; nothing else in this process
+    // uses or closes it, so taking ownership (and closing it on drop) is sound.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    if let Err(e) = f.write_all(b"ready\n") {
+        tracing::warn!("cannot report readiness on fd {fd}: {e}");
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP flush the images (qcow2 metadata lives in imago's caches) and
+/// end the process. The signals are blocked in every thread and taken by one waiting thread.
+fn flush_and_exit_on_signal(drives: Vec<Arc<DriveRuntime>>) {
     // SAFETY: plain libc signal-set manipulation on a local, initialised sigset_t.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -180,14 +377,15 @@ fn flush_and_exit_on_signal(drive: Arc<Drive>) {
         let mut sig = 0;
         // SAFETY: sigwait on a valid set, writing into a local.
         unsafe { libc::sigwait(&set, &mut sig) };
-        tracing::info!("signal {sig}: flushing the image and exiting");
-        if !drive.readonly {
-            if let Err(e) = drive.disk.flush() {
-                tracing::error!("flushing the image: {e}");
-                std::process::exit(1);
+        tracing::info!("signal {sig}: flushing the images and exiting");
+        let mut failed = false;
+        for d in drives.iter().filter(|d| !d.drive.readonly) {
+            if let Err(e) = d.drive.disk().flush() {
+                tracing::error!(device = %d.id, "flushing the image: {e}");
+                failed = true;
             }
         }
-        std::process::exit(0);
+        std::process::exit(i32::from(failed));
     });
 }
 

@@ -4,6 +4,10 @@
 //! byte cannot be written at all is completed with length 0 and logged.
 
 use std::io::{Read, Write};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
+
+use vm_config::{CacheMode, ErrorAction};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
@@ -13,6 +17,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestMemory};
 
 use crate::disk::Disk;
+use crate::policy::{decide, Decision, IoOp};
+use crate::stats::Stats;
 
 pub const SECTOR_SIZE: u64 = 512;
 /// Size of the request header (`struct virtio_blk_outhdr`: type, reserved, sector).
@@ -55,11 +61,19 @@ impl Default for Limits {
 
 /// The drive a queue worker serves requests for.
 pub struct Drive {
-    pub disk: Box<dyn Disk>,
+    /// The image. Requests hold it shared while they run; `block_resize` and
+    /// `blockdev-snapshot-sync` take it exclusively, so requests in flight drain first and new
+    /// ones wait for the switch.
+    disk: RwLock<Box<dyn Disk>>,
     pub readonly: bool,
     /// GET_ID's answer, at most 20 bytes.
     pub serial: Vec<u8>,
     pub limits: Limits,
+    /// `writethrough`/`directsync` flush after every write; `unsafe` ignores flushes.
+    pub cache: CacheMode,
+    pub werror: ErrorAction,
+    pub rerror: ErrorAction,
+    pub stats: Stats,
 }
 
 /// How a chain ended: the status written (None where none could be) and the used length.
@@ -67,6 +81,37 @@ pub struct Drive {
 pub struct Completion {
     pub status: Option<u8>,
     pub used_len: u32,
+}
+
+/// A request whose I/O on the image failed, and what the drive's policy made of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoFailure {
+    pub op: IoOp,
+    pub errno: i32,
+    pub decision: Decision,
+    /// strerror text (BLOCK_IO_ERROR's `reason`).
+    pub reason: String,
+}
+
+/// What became of a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Completed (status written); `failure` when the image failed and the policy reported or
+    /// ignored it.
+    Done { completion: Completion, failure: Option<IoFailure> },
+    /// The image failed and the policy is stop: nothing was written to the chain; the caller
+    /// holds it and runs it again on resume.
+    Hold(IoFailure),
+}
+
+impl Outcome {
+    /// The completion, for a chain that was completed.
+    pub fn completion(&self) -> Option<Completion> {
+        match self {
+            Outcome::Done { completion, .. } => Some(*completion),
+            Outcome::Hold(_) => None,
+        }
+    }
 }
 
 /// Why a request got an error status; logged at debug level (a guest can produce these at will).
@@ -80,8 +125,12 @@ enum RequestError {
     Unsupported(u32),
     #[error("range out of bounds: sector {sector}, {len} bytes, capacity {capacity} bytes")]
     OutOfRange { sector: u64, len: u64, capacity: u64 },
-    #[error("I/O on the image failed: {0}")]
-    Io(#[source] std::io::Error),
+    #[error("{} on the image failed: {source}", op.as_str())]
+    Io {
+        op: IoOp,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("copying from or to guest memory failed: {0}")]
     GuestMemory(#[source] std::io::Error),
 }
@@ -104,8 +153,41 @@ struct Desc {
 }
 
 impl Drive {
-    /// Serves one chain: runs the request and writes its status byte.
-    pub fn process<M>(&self, chain: DescriptorChain<M>) -> Completion
+    /// A drive with QEMU's defaults: cache=writeback, werror=enospc, rerror=report.
+    pub fn new(disk: Box<dyn Disk>, readonly: bool, serial: Vec<u8>, limits: Limits) -> Drive {
+        Drive {
+            disk: RwLock::new(disk),
+            readonly,
+            serial,
+            limits,
+            cache: CacheMode::Writeback,
+            werror: ErrorAction::Enospc,
+            rerror: ErrorAction::Report,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The image, shared (requests in flight hold it too).
+    pub fn disk(&self) -> RwLockReadGuard<'_, Box<dyn Disk>> {
+        self.disk.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The image, exclusively: waits until the requests in flight are done, and holds new
+    /// ones off until dropped.
+    pub fn disk_exclusive(&self) -> RwLockWriteGuard<'_, Box<dyn Disk>> {
+        self.disk.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn policy(&self, op: IoOp) -> ErrorAction {
+        match op {
+            IoOp::Read => self.rerror,
+            IoOp::Write => self.werror,
+        }
+    }
+
+    /// Serves one chain: runs the request and writes its status byte, or, when the image
+    /// fails and the policy says stop, leaves the chain untouched for the caller to hold.
+    pub fn process<M>(&self, chain: DescriptorChain<M>) -> Outcome
     where
         M: std::ops::Deref + Clone,
         M::Target: GuestMemory + Sized,
@@ -127,17 +209,18 @@ impl Drive {
         }
 
         // The status byte is the last byte of the last descriptor, which must be device-writable.
+        let skipped = Outcome::Done { completion: Completion { status: None, used_len: 0 }, failure: None };
         let Some(last) = last else {
             tracing::warn!("empty descriptor chain, skipped");
-            return Completion { status: None, used_len: 0 };
+            return skipped;
         };
         if !last.write_only || last.len == 0 {
             tracing::warn!("descriptor chain without a writable status byte, skipped");
-            return Completion { status: None, used_len: 0 };
+            return skipped;
         }
         let Some(status_addr) = last.addr.checked_add(u64::from(last.len) - 1) else {
             tracing::warn!("status descriptor wraps the address space, skipped");
-            return Completion { status: None, used_len: 0 };
+            return skipped;
         };
 
         let result = if count > self.limits.seg_max as usize + 2 {
@@ -145,8 +228,27 @@ impl Drive {
         } else {
             self.run(&chain, &descs)
         };
+        let mut failure = None;
         let (status, data_written) = match result {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+            Err(RequestError::Io { op, source }) => {
+                let errno = source.raw_os_error().unwrap_or(libc::EIO);
+                let decision = decide(self.policy(op), errno);
+                tracing::debug!(op = op.as_str(), errno, ?decision, "request failed on the image: {source}");
+                let f = IoFailure { op, errno, decision, reason: std::io::Error::from_raw_os_error(errno).to_string() };
+                let f = IoFailure { reason: strip_os_error(&f.reason), ..f };
+                match decision {
+                    Decision::Stop => return Outcome::Hold(f),
+                    Decision::Ignore => {
+                        failure = Some(f);
+                        (VIRTIO_BLK_S_OK as u8, 0)
+                    }
+                    Decision::Report => {
+                        failure = Some(f);
+                        (VIRTIO_BLK_S_IOERR as u8, 0)
+                    }
+                }
+            }
             Err(e) => {
                 tracing::debug!("request failed: {e}");
                 (e.status(), 0)
@@ -154,9 +256,17 @@ impl Drive {
         };
         if let Err(e) = mem.write_obj(status, status_addr) {
             tracing::warn!("writing the status byte: {e}; chain completed without status");
-            return Completion { status: None, used_len: 0 };
+            return Outcome::Done { completion: Completion { status: None, used_len: 0 }, failure };
         }
-        Completion { status: Some(status), used_len: data_written + 1 }
+        Outcome::Done { completion: Completion { status: Some(status), used_len: data_written + 1 }, failure }
+    }
+
+    /// Flushes after a write where the cache mode asks for it (writethrough, directsync).
+    fn write_through(&self, disk: &dyn Disk) -> Result<(), RequestError> {
+        if matches!(self.cache, CacheMode::Writethrough | CacheMode::Directsync) {
+            disk.flush().map_err(|source| RequestError::Io { op: IoOp::Write, source })?;
+        }
+        Ok(())
     }
 
     /// Runs the request; returns how many data bytes were written into the chain.
@@ -166,6 +276,10 @@ impl Drive {
         M::Target: GuestMemory + Sized,
     {
         let mem = chain.memory();
+        let disk = self.disk();
+        let disk: &dyn Disk = &**disk;
+        let io_read = |source| RequestError::Io { op: IoOp::Read, source };
+        let io_write = |source| RequestError::Io { op: IoOp::Write, source };
         // Device-readable descriptors first, then device-writable ones.
         if let Some(i) = descs.iter().position(|d| d.write_only) {
             if descs[i..].iter().any(|d| !d.write_only) {
@@ -194,9 +308,11 @@ impl Drive {
                 if readable != 0 {
                     return Err(RequestError::Chain("read request with device-readable data".into()));
                 }
-                let len = self.check_data(sector, data_writable)?;
+                let len = self.check_data(disk, sector, data_writable)?;
                 let mut buf = vec![0u8; len];
-                self.disk.read_at(&mut buf, sector * SECTOR_SIZE).map_err(RequestError::Io)?;
+                let t = Instant::now();
+                disk.read_at(&mut buf, sector * SECTOR_SIZE).map_err(io_read)?;
+                self.stats.read(len as u64, t.elapsed());
                 writer.write_all(&buf).map_err(RequestError::GuestMemory)?;
                 Ok(len as u32)
             }
@@ -207,18 +323,24 @@ impl Drive {
                 if self.readonly {
                     return Err(RequestError::ReadOnly);
                 }
-                let len = self.check_data(sector, readable)?;
+                let len = self.check_data(disk, sector, readable)?;
                 let mut buf = vec![0u8; len];
                 reader.read_exact(&mut buf).map_err(RequestError::GuestMemory)?;
-                self.disk.write_at(&buf, sector * SECTOR_SIZE).map_err(RequestError::Io)?;
+                let t = Instant::now();
+                disk.write_at(&buf, sector * SECTOR_SIZE).map_err(io_write)?;
+                self.write_through(disk)?;
+                self.stats.write(sector * SECTOR_SIZE, len as u64, t.elapsed());
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if readable != 0 || data_writable != 0 {
                     return Err(RequestError::Chain("flush request with data".into()));
                 }
-                if !self.readonly {
-                    self.disk.flush().map_err(RequestError::Io)?;
+                // cache=unsafe ignores flushes (QEMU's cache.no-flush).
+                if !self.readonly && self.cache != CacheMode::Unsafe {
+                    let t = Instant::now();
+                    disk.flush().map_err(io_write)?;
+                    self.stats.flush(t.elapsed());
                 }
                 Ok(0)
             }
@@ -258,21 +380,24 @@ impl Drive {
                         return Err(RequestError::Chain(format!("{num_sectors} sectors > {max_sectors}")));
                     }
                     let len = u64::from(num_sectors) * SECTOR_SIZE;
-                    self.check_range(seg_sector, len)?;
+                    self.check_range(disk, seg_sector, len)?;
                     let offset = seg_sector * SECTOR_SIZE;
                     if discard {
                         if flags != 0 {
                             return Err(RequestError::Unsupported(req_type));
                         }
-                        self.disk.discard(offset, len).map_err(RequestError::Io)?;
+                        disk.discard(offset, len).map_err(io_write)?;
                     } else {
                         if flags & !WRITE_ZEROES_FLAG_UNMAP != 0 {
                             return Err(RequestError::Unsupported(req_type));
                         }
                         let unmap = flags & WRITE_ZEROES_FLAG_UNMAP != 0;
-                        self.disk.write_zeroes(offset, len, unmap).map_err(RequestError::Io)?;
+                        let t = Instant::now();
+                        disk.write_zeroes(offset, len, unmap).map_err(io_write)?;
+                        self.stats.write(offset, len, t.elapsed());
                     }
                 }
+                self.write_through(disk)?;
                 Ok(0)
             }
             other => Err(RequestError::Unsupported(other)),
@@ -280,23 +405,32 @@ impl Drive {
     }
 
     /// Checks an IN/OUT data length: whole sectors, within the limits and the disk.
-    fn check_data(&self, sector: u64, len: usize) -> Result<usize, RequestError> {
+    fn check_data(&self, disk: &dyn Disk, sector: u64, len: usize) -> Result<usize, RequestError> {
         if !(len as u64).is_multiple_of(SECTOR_SIZE) {
             return Err(RequestError::Chain(format!("data length {len} is not a multiple of {SECTOR_SIZE}")));
         }
         if len > self.limits.max_data {
             return Err(RequestError::Chain(format!("data length {len} over {} bytes", self.limits.max_data)));
         }
-        self.check_range(sector, len as u64)?;
+        self.check_range(disk, sector, len as u64)?;
         Ok(len)
     }
 
-    fn check_range(&self, sector: u64, len: u64) -> Result<(), RequestError> {
-        let capacity = self.disk.size();
+    fn check_range(&self, disk: &dyn Disk, sector: u64, len: u64) -> Result<(), RequestError> {
+        // The capacity the guest sees: whole sectors, rounded up as QEMU does.
+        let capacity = disk.size().div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
         let end = sector.checked_mul(SECTOR_SIZE).and_then(|o| o.checked_add(len));
         match end {
             Some(end) if end <= capacity => Ok(()),
             _ => Err(RequestError::OutOfRange { sector, len, capacity }),
         }
+    }
+}
+
+/// "No space left on device (os error 28)" -> "No space left on device" (strerror's text).
+fn strip_os_error(s: &str) -> String {
+    match s.rfind(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s.to_string(),
     }
 }

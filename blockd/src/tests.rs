@@ -3,21 +3,23 @@
 
 use std::sync::Mutex;
 
+use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueT;
-use vhost_user_backend::VhostUserBackend;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::backend::BlockBackend;
 use crate::disk::{Disk, RawDisk};
-use crate::request::{Completion, Drive, Limits};
+use crate::engine::{DriveRuntime, Image};
+use crate::policy::{Decision, IoOp};
+use crate::request::{Completion, Drive, IoFailure, Limits, Outcome};
 
 const MEM_SIZE: usize = 0x40_0000;
 const HDR: u64 = 0x10_0000;
@@ -29,13 +31,13 @@ const R: u16 = 0;
 /// A disk in memory, recording flushes.
 struct MemDisk {
     bytes: Mutex<Vec<u8>>,
-    flushes: Mutex<u32>,
+    flushes: std::sync::Arc<Mutex<u32>>,
 }
 
 impl MemDisk {
     fn new(size: usize) -> MemDisk {
         let bytes = (0..size).map(|i| (i / 512) as u8 ^ (i % 251) as u8).collect();
-        MemDisk { bytes: Mutex::new(bytes), flushes: Mutex::new(0) }
+        MemDisk { bytes: Mutex::new(bytes), flushes: Default::default() }
     }
 }
 
@@ -70,7 +72,11 @@ fn limits() -> Limits {
 }
 
 fn drive(readonly: bool) -> Drive {
-    Drive { disk: Box::new(MemDisk::new(1 << 20)), readonly, serial: b"blockd-test".to_vec(), limits: limits() }
+    Drive::new(Box::new(MemDisk::new(1 << 20)), readonly, b"blockd-test".to_vec(), limits())
+}
+
+fn runtime(d: Drive) -> std::sync::Arc<DriveRuntime> {
+    DriveRuntime::new("drive0", d, Image { file: "mem".into(), format: crate::disk::Format::Raw }, false)
 }
 
 fn mem() -> GuestMemoryMmap {
@@ -91,7 +97,7 @@ fn run(drive: &Drive, mem: &GuestMemoryMmap, descs: &[(u64, u32, u16)]) -> Compl
     let raw: Vec<RawDescriptor> =
         descs.iter().map(|&(a, l, f)| RawDescriptor::from(SplitDescriptor::new(a, l, f, 0))).collect();
     let chain = vq.build_desc_chain(&raw).unwrap();
-    drive.process(chain)
+    drive.process(chain).completion().expect("completed, not held")
 }
 
 fn status(mem: &GuestMemoryMmap) -> u8 {
@@ -110,7 +116,7 @@ fn skipped() -> Completion {
 
 fn disk_bytes(d: &Drive, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
-    d.disk.read_at(&mut buf, offset).unwrap();
+    d.disk().read_at(&mut buf, offset).unwrap();
     buf
 }
 
@@ -314,7 +320,7 @@ fn raw_file_round_trip() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("disk.raw");
     std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-    let d = Drive { disk: Box::new(RawDisk::open(&path, false).unwrap()), readonly: false, serial: vec![], limits: limits() };
+    let d = Drive::new(Box::new(RawDisk::open(&path, false).unwrap()), false, vec![], limits());
     let m = mem();
     m.write_slice(&[0x5a; 1024], GuestAddress(DATA)).unwrap();
     header(&m, VIRTIO_BLK_T_OUT, 7);
@@ -335,7 +341,7 @@ fn raw_file_round_trip() {
 
 #[test]
 fn config_space_and_features() {
-    let b = BlockBackend::new(std::sync::Arc::new(drive(false)), 3).unwrap();
+    let b = BlockBackend::new(runtime(drive(false)), 3).unwrap();
     let c = b.config_space();
     assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), (1 << 20) / 512);
     assert_eq!(u32::from_le_bytes(c[8..12].try_into().unwrap()), 256 << 10);
@@ -356,7 +362,7 @@ fn config_space_and_features() {
     assert_ne!(f & (1 << VIRTIO_BLK_F_DISCARD), 0);
     assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
 
-    let ro = BlockBackend::new(std::sync::Arc::new(drive(true)), 1).unwrap();
+    let ro = BlockBackend::new(runtime(drive(true)), 1).unwrap();
     assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
     assert_eq!(ro.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
 }
@@ -375,6 +381,180 @@ fn looping_chain_is_bounded_and_answered() {
     vq.add_desc_chains(&descs, 0).unwrap();
     let mut q: virtio_queue::Queue = vq.create_queue().unwrap();
     let chain = q.pop_descriptor_chain(&m).unwrap();
-    assert_eq!(d.process(chain), ioerr());
+    assert_eq!(d.process(chain).completion(), Some(ioerr()));
     assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+}
+
+/// A disk whose reads and writes fail with `errno` while `failing` is set.
+struct FailDisk {
+    inner: MemDisk,
+    errno: i32,
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Disk for FailDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(self.errno));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(self.errno));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+}
+
+fn failing_drive(errno: i32, werror: vm_config::ErrorAction, rerror: vm_config::ErrorAction) -> Drive {
+    failing_drive_with_switch(errno, werror, rerror).0
+}
+
+/// The drive and the switch that makes its disk fail.
+fn failing_drive_with_switch(
+    errno: i32,
+    werror: vm_config::ErrorAction,
+    rerror: vm_config::ErrorAction,
+) -> (Drive, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let disk = FailDisk { inner: MemDisk::new(1 << 20), errno, failing: failing.clone() };
+    let mut d = Drive::new(Box::new(disk), false, vec![], limits());
+    d.werror = werror;
+    d.rerror = rerror;
+    (d, failing)
+}
+
+fn outcome(drive: &Drive, mem: &GuestMemoryMmap, descs: &[(u64, u32, u16)]) -> Outcome {
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let vq = MockSplitQueue::new(mem, 16);
+    let raw: Vec<RawDescriptor> =
+        descs.iter().map(|&(a, l, f)| RawDescriptor::from(SplitDescriptor::new(a, l, f, 0))).collect();
+    drive.process(vq.build_desc_chain(&raw).unwrap())
+}
+
+#[test]
+fn error_policies_report_ignore_and_hold() {
+    use vm_config::ErrorAction::*;
+    let m = mem();
+    let write = [(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)];
+    let read = [(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)];
+    let failure = |op, errno, decision| IoFailure {
+        op,
+        errno,
+        decision,
+        reason: std::io::Error::from_raw_os_error(errno).to_string().split(" (os error").next().unwrap().to_string(),
+    };
+
+    // werror=enospc (QEMU's default): ENOSPC holds the write, untouched; EIO is reported.
+    let d = failing_drive(libc::ENOSPC, Enospc, Report);
+    header(&m, VIRTIO_BLK_T_OUT, 1);
+    let o = outcome(&d, &m, &write);
+    assert_eq!(o, Outcome::Hold(failure(IoOp::Write, libc::ENOSPC, Decision::Stop)));
+    assert_eq!(status(&m), 0xff, "a held request gets no status");
+    assert_eq!(failure(IoOp::Write, libc::ENOSPC, Decision::Stop).reason, "No space left on device");
+    let d = failing_drive(libc::EIO, Enospc, Report);
+    let o = outcome(&d, &m, &write);
+    assert_eq!(
+        o,
+        Outcome::Done { completion: ioerr(), failure: Some(failure(IoOp::Write, libc::EIO, Decision::Report)) }
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_IOERR as u8);
+
+    // werror=ignore completes OK; reads follow rerror, not werror.
+    let d = failing_drive(libc::EIO, Ignore, Stop);
+    let o = outcome(&d, &m, &write);
+    assert_eq!(
+        o,
+        Outcome::Done { completion: ok(1), failure: Some(failure(IoOp::Write, libc::EIO, Decision::Ignore)) }
+    );
+    assert_eq!(status(&m), VIRTIO_BLK_S_OK as u8);
+    header(&m, VIRTIO_BLK_T_IN, 1);
+    assert_eq!(outcome(&d, &m, &read), Outcome::Hold(failure(IoOp::Read, libc::EIO, Decision::Stop)));
+
+    // The held chain runs again once the image works: the data lands, status OK.
+    let (d, failing) = failing_drive_with_switch(libc::ENOSPC, Stop, Report);
+    m.write_slice(&[0x77; 512], GuestAddress(DATA)).unwrap();
+    header(&m, VIRTIO_BLK_T_OUT, 5);
+    assert!(matches!(outcome(&d, &m, &write), Outcome::Hold(_)));
+    // (A new chain over the same descriptors stands in for the held one.)
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(outcome(&d, &m, &write).completion(), Some(ok(1)));
+    assert_eq!(disk_bytes(&d, 5 * 512, 512), vec![0x77; 512]);
+    let s = d.stats.snapshot();
+    assert_eq!((s.wr_operations, s.wr_bytes, s.wr_highest_offset), (1, 512, 6 * 512));
+}
+
+#[test]
+fn stats_count_what_completed() {
+    let (d, m) = (drive(false), mem());
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    assert_eq!(run(&d, &m, &[(HDR, 16, R), (DATA, 1024, W), (STATUS, 1, W)]), ok(1025));
+    header(&m, VIRTIO_BLK_T_OUT, 10);
+    assert_eq!(run(&d, &m, &[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]), ok(1));
+    header(&m, VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(run(&d, &m, &[(HDR, 16, R), (STATUS, 1, W)]), ok(1));
+    // Out of range: an error, not counted.
+    header(&m, VIRTIO_BLK_T_IN, 1 << 30);
+    assert_eq!(run(&d, &m, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]), ioerr());
+    let s = d.stats.snapshot();
+    assert_eq!((s.rd_operations, s.rd_bytes), (1, 1024));
+    assert_eq!((s.wr_operations, s.wr_bytes, s.wr_highest_offset), (1, 512, 11 * 512));
+    assert_eq!(s.flush_operations, 1);
+}
+
+#[test]
+fn cache_modes_flush_as_qemu() {
+    let m = mem();
+    let mem_drive = || {
+        let disk = MemDisk::new(1 << 20);
+        let flushes = disk.flushes.clone();
+        (Drive::new(Box::new(disk), false, vec![], limits()), flushes)
+    };
+    let count = |f: &std::sync::Arc<Mutex<u32>>| *f.lock().unwrap();
+    let (mut wt, wt_flushes) = mem_drive();
+    wt.cache = vm_config::CacheMode::Writethrough;
+    header(&m, VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(run(&wt, &m, &[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]), ok(1));
+    assert_eq!(count(&wt_flushes), 1, "writethrough flushes after a write");
+    let (mut un, un_flushes) = mem_drive();
+    un.cache = vm_config::CacheMode::Unsafe;
+    header(&m, VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(run(&un, &m, &[(HDR, 16, R), (STATUS, 1, W)]), ok(1));
+    assert_eq!(count(&un_flushes), 0, "unsafe ignores flushes");
+}
+
+#[test]
+fn raw_resize_rounds_capacity_up_and_reads_zero_past_the_end() {
+    let dir = std::env::temp_dir().join(format!("blockd-resize-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("disk.raw");
+    std::fs::write(&path, vec![0x11u8; 4096]).unwrap();
+    let rt = runtime(Drive::new(Box::new(RawDisk::open(&path, false).unwrap()), false, vec![], limits()));
+    rt.resize(12345).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 12345);
+    let b = BlockBackend::new(rt.clone(), 1).unwrap();
+    assert_eq!(u64::from_le_bytes(b.config_space()[0..8].try_into().unwrap()), 25);
+    let m = mem();
+    header(&m, VIRTIO_BLK_T_IN, 24);
+    m.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(run(&rt.drive, &m, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]), ok(513));
+    let mut buf = [0u8; 512];
+    m.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert!(buf.iter().all(|&x| x == 0));
+    rt.resize(1 << 20).unwrap();
+    assert_eq!(u64::from_le_bytes(b.config_space()[0..8].try_into().unwrap()), 2048);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,0 +1,312 @@
+//! One served drive at run time: its [`Drive`], the I/O pool its requests run on, the
+//! requests held by a stopping error policy, its io-status, and the backend-request channel of
+//! the connected frontend (for config-change notifications). Shared by the vhost-user
+//! connection(s) of the drive and the D-Bus service.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::DescriptorChain;
+use vm_memory::{GuestMemoryLoadGuard, GuestMemoryMmap};
+
+use crate::disk::{self, Format, OpenFlags};
+use crate::policy::{io_status_enabled, IoStatus};
+use crate::pool::Pool;
+use crate::request::{Drive, IoFailure, Outcome};
+
+/// A descriptor chain as the queue workers pop it.
+pub type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
+
+/// Requests in flight per drive at most (one I/O thread each): above the deepest queue depth
+/// benchmarks use (32), below what a file system handles without queuing in the kernel anyway.
+pub const IO_THREADS: usize = 64;
+
+/// A request popped from a virtqueue, with what completing it needs.
+pub struct Request {
+    pub chain: Chain,
+    pub vring: VringRwLock,
+    pub event_idx: bool,
+    /// Requests completed on this queue, for the per-connection log.
+    pub served: Option<(Arc<Vec<AtomicU64>>, usize)>,
+}
+
+impl Request {
+    /// Puts the chain in the used ring and interrupts the guest if it wants to be.
+    fn complete(&self, used_len: u32) {
+        let head = self.chain.head_index();
+        if let Err(e) = self.vring.add_used(head, used_len) {
+            tracing::warn!("adding a used entry: {e}");
+            return;
+        }
+        if let Some((counters, q)) = &self.served {
+            if let Some(c) = counters.get(*q) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let notify = !self.event_idx || self.vring.needs_notification().unwrap_or(true);
+        if notify {
+            if let Err(e) = self.vring.signal_used_queue() {
+                tracing::warn!("signalling the guest: {e}");
+            }
+        }
+    }
+}
+
+/// An I/O error the D-Bus side turns into BLOCK_IO_ERROR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoErrorEvent {
+    pub device: String,
+    pub failure: IoFailure,
+    /// Whether `nospace` is reported (QEMU: when the drive has an io-status).
+    pub io_status_enabled: bool,
+}
+
+impl IoErrorEvent {
+    /// BLOCK_IO_ERROR's data as QEMU 7.2 sends it (less `node-name`: no block graph here).
+    pub fn data(&self) -> serde_json::Value {
+        let mut d = serde_json::json!({
+            "device": self.device,
+            "operation": self.failure.op.as_str(),
+            "action": self.failure.decision.as_str(),
+            "reason": self.failure.reason,
+        });
+        if self.io_status_enabled {
+            d["nospace"] = serde_json::Value::Bool(self.failure.errno == libc::ENOSPC);
+        }
+        d
+    }
+}
+
+pub type EventSink = Box<dyn Fn(IoErrorEvent) + Send + Sync>;
+
+/// The image a drive currently serves (changes with blockdev-snapshot-sync).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub file: PathBuf,
+    pub format: Format,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error("the drive is read-only")]
+    ReadOnly,
+    #[error("the new size must be a multiple of 512")]
+    Unaligned,
+    #[error("resizing the image: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("Could not create '{path}': {source}")]
+    Create {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Could not open '{path}': {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct DriveRuntime {
+    pub id: String,
+    pub drive: Drive,
+    pub image: Mutex<Image>,
+    direct: bool,
+    pool: Pool,
+    held: Mutex<VecDeque<Request>>,
+    io_status: Mutex<IoStatus>,
+    events: Mutex<Option<EventSink>>,
+    backend_req: Mutex<Option<Backend>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DriveRuntime {
+    pub fn new(id: &str, drive: Drive, image: Image, direct: bool) -> Arc<DriveRuntime> {
+        Arc::new(DriveRuntime {
+            id: id.to_string(),
+            drive,
+            image: Mutex::new(image),
+            direct,
+            pool: Pool::new(id, IO_THREADS),
+            held: Mutex::new(VecDeque::new()),
+            io_status: Mutex::new(IoStatus::Ok),
+            events: Mutex::new(None),
+            backend_req: Mutex::new(None),
+        })
+    }
+
+    /// Where BLOCK_IO_ERROR events go.
+    pub fn set_event_sink(&self, sink: EventSink) {
+        *lock(&self.events) = Some(sink);
+    }
+
+    /// The backend-request channel of the frontend now connected (None when it left).
+    pub fn set_backend_req(&self, backend: Option<Backend>) {
+        *lock(&self.backend_req) = backend;
+    }
+
+    /// query-block's io-status: None where the policy makes it meaningless.
+    pub fn io_status(&self) -> Option<IoStatus> {
+        io_status_enabled(self.drive.werror, self.drive.rerror).then(|| *lock(&self.io_status))
+    }
+
+    /// Requests held by a stopping error policy.
+    pub fn held_count(&self) -> usize {
+        lock(&self.held).len()
+    }
+
+    /// Runs a request on the I/O pool.
+    pub fn submit(self: &Arc<Self>, req: Request) {
+        let rt = self.clone();
+        self.pool.spawn(move || rt.run(req));
+    }
+
+    fn run(&self, req: Request) {
+        match self.drive.process(req.chain.clone()) {
+            Outcome::Done { completion, failure } => {
+                if let Some(f) = failure {
+                    self.report(f);
+                }
+                req.complete(completion.used_len);
+            }
+            Outcome::Hold(f) => {
+                lock(&self.held).push_back(req);
+                self.stopped(f);
+            }
+        }
+    }
+
+    fn stopped(&self, f: IoFailure) {
+        {
+            let mut st = lock(&self.io_status);
+            *st = st.after_stop(f.errno);
+        }
+        tracing::warn!(device = %self.id, op = f.op.as_str(), reason = %f.reason, "I/O error: request held, VM to stop");
+        self.report(f);
+    }
+
+    fn report(&self, failure: IoFailure) {
+        let ev = IoErrorEvent {
+            device: self.id.clone(),
+            failure,
+            io_status_enabled: io_status_enabled(self.drive.werror, self.drive.rerror),
+        };
+        match lock(&self.events).as_ref() {
+            Some(sink) => sink(ev),
+            None => tracing::warn!(?ev, "I/O error with nowhere to report it"),
+        }
+    }
+
+    /// The VM resumed (`cont`): io-status back to ok, and the held requests run again in the
+    /// order they failed. One that fails again is held again with those after it.
+    pub fn resume(self: &Arc<Self>) {
+        *lock(&self.io_status) = IoStatus::Ok;
+        let list: VecDeque<Request> = std::mem::take(&mut *lock(&self.held));
+        if list.is_empty() {
+            return;
+        }
+        tracing::info!(device = %self.id, requests = list.len(), "retrying held requests");
+        let rt = self.clone();
+        self.pool.spawn(move || {
+            let mut list = list;
+            while let Some(req) = list.pop_front() {
+                match rt.drive.process(req.chain.clone()) {
+                    Outcome::Done { completion, failure } => {
+                        if let Some(f) = failure {
+                            rt.report(f);
+                        }
+                        req.complete(completion.used_len);
+                    }
+                    Outcome::Hold(f) => {
+                        let mut held = lock(&rt.held);
+                        // Ahead of anything held meanwhile: they failed later.
+                        list.push_front(req);
+                        while let Some(r) = list.pop_back() {
+                            held.push_front(r);
+                        }
+                        drop(held);
+                        rt.stopped(f);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Forgets held requests of a connection that ended (the frontend resubmits what it did
+    /// not see completed after it reconnects).
+    pub fn drop_held(&self) {
+        let n = std::mem::take(&mut *lock(&self.held)).len();
+        if n > 0 {
+            tracing::warn!(device = %self.id, requests = n, "frontend left with requests held");
+        }
+    }
+
+    /// block_resize: the image to `size` bytes, then the frontend is told (CONFIG_CHANGE_MSG)
+    /// so the guest sees the new capacity at once. Requests in flight drain first.
+    pub fn resize(&self, size: u64) -> Result<(), ResizeError> {
+        if self.drive.readonly {
+            return Err(ResizeError::ReadOnly);
+        }
+        let format = lock(&self.image).format;
+        if format == Format::Qcow2 && size % 512 != 0 {
+            return Err(ResizeError::Unaligned);
+        }
+        {
+            let disk = self.drive.disk_exclusive();
+            disk.resize(size).map_err(ResizeError::Io)?;
+        }
+        tracing::info!(device = %self.id, size, "resized");
+        self.notify_config_change();
+        Ok(())
+    }
+
+    /// Sends CONFIG_CHANGE_MSG to the connected frontend, if any.
+    pub fn notify_config_change(&self) {
+        match lock(&self.backend_req).as_ref() {
+            Some(b) => {
+                if let Err(e) = b.handle_config_change() {
+                    tracing::warn!(device = %self.id, "sending CONFIG_CHANGE_MSG: {e}");
+                }
+            }
+            None => tracing::debug!(device = %self.id, "no frontend to notify of the config change"),
+        }
+    }
+
+    /// blockdev-snapshot-sync: a new qcow2 at `path` whose backing file is the current image
+    /// becomes the drive's image. The switch happens with the image held exclusively: requests
+    /// in flight finish on the old image, flushed, and later ones go to the overlay. If opening
+    /// the overlay fails the old image stays (it was never closed).
+    pub fn snapshot(&self, path: &Path) -> Result<(), SnapshotError> {
+        let shown = path.display().to_string();
+        let mut disk = self.drive.disk_exclusive();
+        let old = lock(&self.image).clone();
+        if let Err(e) = disk.flush() {
+            tracing::warn!(device = %self.id, "flushing before the snapshot: {e}");
+        }
+        let size = disk.size();
+        disk::create_qcow2_overlay(path, size, &old.file.display().to_string(), old.format)
+            .map_err(|source| SnapshotError::Create { path: shown.clone(), source })?;
+        let flags = OpenFlags { readonly: self.drive.readonly, direct: self.direct };
+        let new = disk::open(path, Format::Qcow2, flags).map_err(|e| SnapshotError::Open {
+            path: shown.clone(),
+            source: std::io::Error::new(e.io().kind(), e.io().to_string()),
+        })?;
+        *disk = new;
+        *lock(&self.image) = Image { file: path.to_path_buf(), format: Format::Qcow2 };
+        tracing::info!(device = %self.id, overlay = %shown, backing = %old.file.display(), "snapshot taken");
+        Ok(())
+    }
+}
