@@ -14,6 +14,7 @@ pub mod memory;
 pub mod regs;
 pub mod runstate;
 pub mod vcpu;
+pub mod virtio_pci;
 pub mod vm;
 
 pub use runstate::{EventReason, RunState, VmEvent, VmEventKind};

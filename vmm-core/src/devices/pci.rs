@@ -17,6 +17,8 @@ pub trait PciDevice: Send {
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]);
     /// What query-pci reports about it.
     fn describe(&self) -> PciFunctionInfo;
+    /// Back to the power-on state (machine reset). Functions without state keep the default.
+    fn reset(&mut self) {}
 }
 
 /// One BAR as query-pci reports it.
@@ -96,6 +98,23 @@ impl ConfigSpace {
 
     pub fn set_u8(&mut self, off: usize, v: u8) {
         self.bytes[off] = v;
+    }
+
+    pub fn set_u32(&mut self, off: usize, v: u32) {
+        self.bytes[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn u8_at(&self, off: usize) -> u8 {
+        self.bytes[off]
+    }
+
+    pub fn u32_at(&self, off: usize) -> u32 {
+        u32::from_le_bytes([self.bytes[off], self.bytes[off + 1], self.bytes[off + 2], self.bytes[off + 3]])
+    }
+
+    /// Which bits of the `mask.len()` bytes at `off` the guest may change.
+    pub fn set_writable(&mut self, off: usize, mask: &[u8]) {
+        self.writable[off..off + mask.len()].copy_from_slice(mask);
     }
 
     pub fn u16_at(&self, off: usize) -> u16 {
@@ -194,6 +213,29 @@ impl PciBus {
         let slot = self.slots.iter().position(Option::is_none)?;
         self.slots[slot] = Some(dev);
         Some(slot as u8)
+    }
+
+    /// Puts a device in `slot`; false when the slot is taken or does not exist.
+    pub fn add_at(&mut self, slot: u8, dev: SharedPciDevice) -> bool {
+        match self.slots.get_mut(slot as usize) {
+            Some(s @ None) => {
+                *s = Some(dev);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The first free slot, if any.
+    pub fn free_slot(&self) -> Option<u8> {
+        self.slots.iter().position(Option::is_none).map(|s| s as u8)
+    }
+
+    /// Machine reset: every function back to its power-on state.
+    pub fn reset(&self) {
+        for d in self.slots.iter().flatten() {
+            lock(d).reset();
+        }
     }
 
     fn function(&self, bus: u8, slot: u8, func: u8) -> Option<&SharedPciDevice> {
