@@ -465,6 +465,20 @@ impl Vm {
     pub fn guest_memory(&self) -> &GuestRam {
         &self.inner.ram
     }
+
+    /// A drive's error policy said stop (blockd's BLOCK_IO_ERROR with action `stop`): a
+    /// running guest pauses in `io-error` (STOP event; `cont` resumes it). Anything not running
+    /// stays as it is, as QEMU's vm_stop does. Returns whether it stopped the guest.
+    pub fn stop_on_io_error(&self) -> Result<bool, VmError> {
+        let mut st = lock(&self.inner.state);
+        if st.run != RunState::Running {
+            return Ok(false);
+        }
+        self.inner.pause_all()?;
+        st.run = RunState::IoError;
+        self.inner.events.emit(VmEventKind::Stop);
+        Ok(true)
+    }
 }
 
 /// 0xCFC..0xCFF, forwarded to the config mechanism with the right offset.
