@@ -696,3 +696,39 @@ fn balloon_device_starts_balloond_with_the_guest_ram_size() {
     assert!(!socket.exists());
     vm.assert_cleaned_up(None);
 }
+
+#[test]
+fn with_qmp_the_gateway_is_told_about_blockd_and_query_block_reaches_it() {
+    use flotilla_tests::qmp::{QmpVm, VmOptions};
+    let img_dir = TempDir::new("launch-drive-qmp-img");
+    let img = img_dir.path("disk.img");
+    std::fs::File::create(&img).and_then(|f| f.set_len(8 << 20)).expect("raw image");
+    let drive = format!("file={},if=none,id=data,format=raw", img.display());
+    let mut vm = QmpVm::start(
+        "launch-drive-qmp",
+        &VmOptions {
+            name: "drive-qmp",
+            qmp: &[true],
+            extra: &["-drive", &drive, "-device", "virtio-blk-pci,drive=data,id=vblk0"],
+        },
+    );
+    let mut con = vm.console_ready();
+    con.command("ping", "PONG", REPLY).expect("ping");
+    let core = vm.vmm_core();
+    let gw = vm.gateway(None, BOOT).expect("a qmp-gateway child");
+    let args = argv(gw);
+    let daemons: Vec<&str> = args.windows(2).filter(|w| w[0] == "--daemon").map(|w| w[1].as_str()).collect();
+    assert_eq!(daemons, ["blockd"], "gateway args: {args:?}");
+    let mut q = vm.raw(0);
+    assert!(q.cmd(r#"{"execute": "qmp_capabilities"}"#).get("return").is_some());
+    let r = q.cmd(r#"{"execute": "query-block"}"#);
+    let list = r.get("return").and_then(|v| v.as_array()).unwrap_or_else(|| panic!("query-block: {r}"));
+    assert!(list.iter().any(|b| b["device"] == "data"), "query-block does not list the drive: {r}");
+    assert_eq!(vm.gateway(None, Duration::from_millis(1)), Some(gw), "the gateway was not restarted");
+    let socket = vm.dir.path("flotilla").join(format!("drive-qmp-{}", vm.pid())).join("vhost-user").join("data.sock");
+    assert!(is_socket(&socket), "{} is missing while the VM runs", socket.display());
+    assert!(q.cmd(r#"{"execute": "quit"}"#).get("return").is_some());
+    drop(con);
+    vm.assert_exits_0_and_cleaned_up(core);
+    assert!(!socket.exists(), "{} is left after quit", socket.display());
+}
