@@ -28,6 +28,8 @@ use nix::unistd::Pid;
 pub const DBUS_DAEMON_ENV: &str = "FLOTILLA_DBUS_DAEMON";
 /// How long dbus-daemon may take to say it listens.
 const BUS_START: Duration = Duration::from_secs(10);
+/// At most this much of the instance name goes into the runtime directory's name.
+pub const NAME_IN_PATH: usize = 24;
 /// How long a helper gets between SIGTERM and SIGKILL.
 pub const TERM_GRACE: Duration = Duration::from_secs(2);
 
@@ -61,10 +63,15 @@ impl RuntimeDir {
         std::env::temp_dir().join(format!("flotilla-{}", nix::unistd::geteuid()))
     }
 
-    /// Creates `<base>/<instance>-<launcher pid>` (the instance name made file-name safe).
+    /// Creates `<base>/<instance>-<launcher pid>` (the instance name made file-name safe, and
+    /// cut to [`NAME_IN_PATH`] characters: the sockets inside must stay within a unix socket
+    /// address's 107 bytes; the pid keeps the directory unique).
     pub fn create(instance: &str) -> Result<RuntimeDir, BusError> {
-        let safe: String =
-            instance.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' }).collect();
+        let safe: String = instance
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' })
+            .take(NAME_IN_PATH)
+            .collect();
         let base = Self::base();
         let path = base.join(format!("{safe}-{}", std::process::id()));
         let made = fs::DirBuilder::new().recursive(true).mode(0o700).create(&base).and_then(|()| {
@@ -266,6 +273,10 @@ mod tests {
         let dir = RuntimeDir::create("unit test/ö").expect("runtime dir");
         let path = dir.path().to_path_buf();
         assert!(path.file_name().unwrap().to_str().unwrap().starts_with("unit_test__-"), "{}", path.display());
+        let long = RuntimeDir::create(&"x".repeat(200)).expect("long name");
+        let name = long.path().file_name().unwrap().to_str().unwrap().to_string();
+        assert_eq!(name, format!("{}-{}", "x".repeat(NAME_IN_PATH), std::process::id()));
+        drop(long);
         assert_eq!(fs::metadata(&path).expect("dir").permissions().mode() & 0o777, 0o700);
         let mut bus = PrivateBus::start(&path).expect("dbus-daemon");
         assert!(bus.address.starts_with(&format!("unix:path={}/bus", path.display())), "{}", bus.address);

@@ -127,7 +127,6 @@ impl DeviceDaemons {
             // SIGCHLD wakes this early when a daemon exits; the pipe is polled every 10 ms.
             if let Some((sig, _)) = crate::supervise::wait_signal(signals, Some(left.min(Duration::from_millis(10)))) {
                 if sig != libc::SIGCHLD {
-                    eprintln!("flotilla: terminating on signal {sig}");
                     return Err(DaemonError::Interrupted(sig));
                 }
             }

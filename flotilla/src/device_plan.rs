@@ -80,8 +80,20 @@ pub fn plan(set: &DeviceSet, formats: &[DriveFormat], runtime: &Path, mem_bytes:
     DevicePlan { vhost_user_devices: devices, blockd, balloond }
 }
 
+/// Longest path a unix socket address holds (sun_path less its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
 /// Every socket the launcher's daemons listen on (removed before a restart and at the end).
 impl DevicePlan {
+    /// The first of the daemons' socket paths that is too long to bind, if any.
+    pub fn overlong_socket(&self) -> Option<PathBuf> {
+        use std::os::unix::ffi::OsStrExt;
+        self.blockd_sockets()
+            .into_iter()
+            .chain(self.balloond_sockets())
+            .find(|p| p.as_os_str().as_bytes().len() > MAX_SOCKET_PATH)
+    }
+
     pub fn blockd_sockets(&self) -> Vec<PathBuf> {
         self.blockd.iter().flat_map(|b| b.drives.iter().filter_map(|d| d.socket.clone())).collect()
     }
@@ -184,6 +196,10 @@ mod tests {
             ]
         );
         assert_eq!(p.balloond_sockets(), [PathBuf::from("/run/flotilla/vm1-42/vhost-user/balloon.sock")]);
+        assert_eq!(p.overlong_socket(), None);
+        let deep = PathBuf::from(format!("/{}", "d".repeat(90)));
+        let p2 = plan(&s, &[DriveFormat::Raw, DriveFormat::Qcow2, DriveFormat::Raw], &deep, 1 << 30);
+        assert_eq!(p2.overlong_socket(), Some(deep.join("vhost-user/virtio0.sock")));
         // The JSON the daemons get round-trips.
         assert_eq!(BlockdConfig::from_json(&b.to_json()).expect("json"), *b);
     }

@@ -62,6 +62,8 @@ pub enum LaunchError {
     BalloondMissing(PathBuf),
     #[error(transparent)]
     DriveFile(#[from] FileError),
+    #[error("the vhost-user socket path '{}' is longer than a unix socket address holds (107 bytes); use a shorter -name, drive id or XDG_RUNTIME_DIR", .0.display())]
+    SocketPath(PathBuf),
     #[error(transparent)]
     DeviceDaemon(#[from] DaemonError),
     #[error(transparent)]
@@ -327,6 +329,9 @@ fn run_vm(
     let runtime = RuntimeDir::create(&instance)?;
     let _chardev_sockets = ChardevSockets::of(&opts.machine);
     let plan = crate::device_plan::plan(&opts.devices, formats, runtime.path(), opts.machine.mem_bytes);
+    if let Some(p) = plan.overlong_socket() {
+        return Err(LaunchError::SocketPath(p));
+    }
     let mut bus = PrivateBus::start(runtime.path())?;
     let mut daemons = DeviceDaemons::start(&plan, bins, &bus.address, &instance, &signals, opts.daemonize)?;
     let mut gateway = gateway_bin.map(|bin| {

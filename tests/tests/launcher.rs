@@ -732,3 +732,48 @@ fn with_qmp_the_gateway_is_told_about_blockd_and_query_block_reaches_it() {
     vm.assert_exits_0_and_cleaned_up(core);
     assert!(!socket.exists(), "{} is left after quit", socket.display());
 }
+
+#[test]
+fn daemonize_with_a_drive_releases_the_callers_stderr() {
+    let dir = TempDir::new("launch-daemon-drive");
+    let sock = dir.path("serial.sock");
+    let pidfile = dir.path("vm.pid");
+    let img = dir.path("disk.img");
+    std::fs::File::create(&img).and_then(|f| f.set_len(1 << 20)).expect("raw image");
+    let serial = format!("unix:{},server=on,wait=off", sock.display());
+    let drive = format!("file={},if=virtio,format=raw", img.display());
+    let marker = dir.0.display().to_string();
+    let mut child = flotilla()
+        .env("XDG_RUNTIME_DIR", &dir.0)
+        .args(["-m", "128", "-kernel", &elf(), "-serial", &serial, "-display", "none", "-drive", &drive])
+        .args(["-daemonize", "-pidfile", pidfile.to_str().expect("utf-8")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning flotilla");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let mut reaper = Reaper::new(child, &marker);
+    let status = wait_timeout(reaper.child(), BOOT).expect("-daemonize returns to its caller");
+    assert_eq!(status.code(), Some(0), "{}", describe(status));
+    let daemon: i32 = std::fs::read_to_string(&pidfile).expect("pid file").trim().parse().expect("a pid");
+    reaper.extra.push(daemon);
+    let blockd = daemon_child(daemon, "blockd", None, Duration::from_secs(5)).expect("the daemon runs blockd");
+    // A caller reading our stderr to its end (`$(flotilla -daemonize ... 2>&1)`) must not wait
+    // for the VM: neither blockd nor anything else may hold it open.
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        let _ = tx.send(s);
+    });
+    let err = rx.recv_timeout(Duration::from_secs(5)).expect("the caller's stderr reaches EOF while the VM runs");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(alive(blockd));
+    signal(daemon, libc::SIGTERM);
+    assert!(wait_gone(daemon, EXIT), "daemon {daemon} survived SIGTERM");
+    assert!(wait_gone(blockd, Duration::from_secs(2)), "blockd outlived the daemon");
+    let left = processes_mentioning(&marker);
+    assert!(left.is_empty(), "processes left running: {left:?}");
+    assert!(!dir.path("flotilla").exists(), "the runtime directory was not removed");
+}
