@@ -26,10 +26,11 @@ pub struct Binaries {
     pub vmm_core: PathBuf,
     pub qmp_gateway: PathBuf,
     pub blockd: PathBuf,
+    pub balloond: PathBuf,
 }
 
 /// The packages (each with a binary of the same name) that [`binaries`] builds.
-const PACKAGES: [&str; 4] = ["flotilla", "vmm-core", "qmp-gateway", "blockd"];
+const PACKAGES: [&str; 5] = ["flotilla", "vmm-core", "qmp-gateway", "blockd", "balloond"];
 
 /// The directory the binaries of this test executable's profile are built into.
 fn profile_dir() -> PathBuf {
@@ -42,8 +43,8 @@ fn profile_dir() -> PathBuf {
     }
 }
 
-/// `flotilla`, `vmm-core`, `qmp-gateway` and `blockd`, built (once per test process, in one
-/// cargo call) if needed; see the module docs. With `FLOTILLA_BIN_DIR`, `flotilla` and
+/// `flotilla`, `vmm-core`, `qmp-gateway`, `blockd` and `balloond`, built (once per test
+/// process, in one cargo call) if needed; see the module docs. With `FLOTILLA_BIN_DIR`, `flotilla` and
 /// `vmm-core` must be there; the others only for the tests that run them.
 pub fn binaries() -> &'static Binaries {
     static BINS: OnceLock<Binaries> = OnceLock::new();
@@ -61,6 +62,7 @@ pub fn binaries() -> &'static Binaries {
             vmm_core: dir.join("vmm-core"),
             qmp_gateway: dir.join("qmp-gateway"),
             blockd: dir.join("blockd"),
+            balloond: dir.join("balloond"),
         };
         for p in [&b.flotilla, &b.vmm_core] {
             assert!(p.is_file(), "{} is missing (built into {}?)", p.display(), dir.display());
