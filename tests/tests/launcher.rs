@@ -657,14 +657,11 @@ fn a_blockd_that_fails_to_start_fails_the_launch_and_leaves_nothing() {
     assert!(!err.contains("vmm-core"), "vmm-core must not have been started:\n{err}");
 }
 
-/// Enable once the balloond binary exists and `flotilla_tests::process::binaries` builds it
-/// (add "balloond" to its PACKAGES): then remove the `ignore`.
+/// `-device virtio-balloon-pci` (next to a drive): balloond runs beside blockd with the
+/// guest's RAM size, its socket exists while the VM runs, a SIGKILLed balloond comes back.
 #[test]
-#[ignore = "needs the balloond binary (being written); the integrator enables it"]
 fn balloon_device_starts_balloond_with_the_guest_ram_size() {
-    let balloond = binaries().flotilla.with_file_name("balloond");
-    assert!(balloond.is_file(), "{} is missing", balloond.display());
-    let balloond_bin = balloond.display().to_string();
+    let balloond_bin = binaries().balloond.display().to_string();
     let img_dir = TempDir::new("launch-balloon-img");
     let img = img_dir.path("disk.img");
     std::fs::File::create(&img).and_then(|f| f.set_len(8 << 20)).expect("raw image");
