@@ -774,3 +774,44 @@ fn daemonize_with_a_drive_releases_the_callers_stderr() {
     assert!(left.is_empty(), "processes left running: {left:?}");
     assert!(!dir.path("flotilla").exists(), "the runtime directory was not removed");
 }
+
+#[test]
+fn an_external_vhost_user_blk_backend_starts_no_daemon_and_keeps_its_socket() {
+    let ext = TempDir::new("launch-ext-backend");
+    let path = ext.path("qsd.sock");
+    // Stands in for qemu-storage-daemon: the launcher only checks that the socket is there.
+    let _listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let chardev = format!("socket,id=qsd0,path={}", path.display());
+    let mut vm =
+        Launched::start("launch-ext", &["-chardev", &chardev, "-device", "vhost-user-blk-pci,chardev=qsd0,id=ext0"]);
+    let mut con = vm.console();
+    con.command("ping", "PONG", REPLY).expect("ping");
+    let core = vmm_core_child(vm.pid(), Duration::from_secs(5)).expect("vmm-core child");
+    let machine = vm_config::MachineConfig::from_json(arg_after(&argv(core), "--config-json")).expect("machine json");
+    assert_eq!(
+        machine.vhost_user_devices,
+        [vm_config::VhostUserDevice {
+            id: "ext0".into(),
+            kind: vm_config::VirtioKind::Block,
+            socket: path.clone(),
+            num_queues: 1,
+            queue_size: 128,
+            pci_slot: None,
+        }]
+    );
+    assert_eq!(daemon_child(vm.pid(), "blockd", None, Duration::from_millis(200)), None, "no blockd for it");
+    con.command("poweroff", "POWEROFF", REPLY).expect("poweroff");
+    let status = vm.wait_exit(EXIT);
+    assert_eq!(status.code(), Some(0), "{}; stderr:\n{}", describe(status), vm.stderr.take());
+    vm.assert_cleaned_up(Some(core));
+    assert!(is_socket(&path), "the external backend's socket is not the launcher's to remove");
+
+    let dir = TempDir::new("bad-ext-backend");
+    let gone = dir.path("none.sock").display().to_string();
+    let chardev = format!("socket,id=c,path={gone}");
+    refused_in(
+        dir,
+        &["-kernel", &elf(), "-chardev", &chardev, "-device", "vhost-user-blk-pci,chardev=c"],
+        &[&format!("-chardev {chardev}: Failed to connect to '{gone}': No such file or directory")],
+    );
+}
