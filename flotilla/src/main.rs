@@ -1,7 +1,13 @@
 //! `flotilla`: the launcher. Takes qemu-system-x86_64's options, builds the machine description
 //! and runs the VM's processes (a private dbus-daemon, blockd with `-drive`, balloond with a
-//! balloon, `vmm-core --config-json '<json>'`, and with `-qmp` the `qmp-gateway`), supervising them like a QEMU process: signals, exit status,
-//! -pidfile, -daemonize.
+//! balloon, `vmm-core --config-json '<json>'`, and with `-qmp` the `qmp-gateway`), supervising
+//! them like a QEMU process: signals, exit status, -pidfile, -daemonize.
+//!
+//! Modules: `cli` (the option table) with `qemu_opts` (QemuOpts syntax) and `devices` (-drive,
+//! -device, -chardev, -balloon); `drive_files` (host checks and format probing before start);
+//! `device_plan` (sockets and the daemons' configs); `supervise` (start order, signals, teardown)
+//! with `bus` (runtime dir, private bus), `device_daemons` (blockd, balloond) and `restart`
+//! (start / ready / restart-with-backoff, shared by the gateway and the device daemons).
 
 mod bus;
 mod cli;
