@@ -450,7 +450,9 @@ fn parse_serial(v: &str) -> Result<Serial, ValueError> {
             } else if let Some(rest) = v.strip_prefix("unix:") {
                 parse_unix_serial(rest)?
             } else if v.starts_with("chardev:") {
-                return Err(ValueError::new("-chardev is not supported yet"));
+                return Err(ValueError::new(
+                    "-serial chardev: is not supported by flotilla (a -chardev serves vhost-user-blk-pci only)",
+                ));
             } else if v.starts_with("/dev/") || v.starts_with("COM") {
                 return Err(unsupported());
             } else {
@@ -1024,7 +1026,10 @@ mod tests {
             err(&["-serial", "/dev/ttyS0"]),
             format!("-serial /dev/ttyS0: character backend '/dev/ttyS0' is not supported by flotilla\n{forms}")
         );
-        assert_eq!(err(&["-serial", "chardev:c0"]), "-serial chardev:c0: -chardev is not supported yet");
+        assert_eq!(
+            err(&["-serial", "chardev:c0"]),
+            "-serial chardev:c0: -serial chardev: is not supported by flotilla (a -chardev serves vhost-user-blk-pci only)"
+        );
         assert_eq!(err(&["-serial", "unix:/tmp/x,bogus"]), "-serial unix:/tmp/x,bogus: Invalid parameter 'bogus'");
         assert_eq!(
             err(&["-serial", "unix:/tmp/x,server,telnet"]),
