@@ -14,6 +14,10 @@
 //! so the signal leaves before the method return — what QEMU does on its monitor. Events the
 //! guest causes are flushed by a task woken on each one.
 //!
+//! Block I/O errors: blockd (`org.flotilla.<instance>.Block`) emits BLOCK_IO_ERROR; one with
+//! action `stop` pauses the guest in run state `io-error` ([`Vm::stop_on_io_error`], STOP
+//! event). `cont` resumes it as from any pause, and its RESUME tells blockd to retry.
+//!
 //! Shutdown ([`DbusServer::shutdown`], when the machine has ended): flush what is queued (the
 //! SHUTDOWN), stop emitting, and close the connection gracefully, which lets calls in flight
 //! finish and send their replies — so `quit` answers before the process exits.
@@ -27,7 +31,8 @@ use std::time::Duration;
 use flotilla_schema::check::QmpError;
 use flotilla_schema::commands::{CpuArgs, MemsaveArgs, MigrateSetDowntimeArgs, MigrateSetSpeedArgs, PmemsaveArgs};
 use flotilla_schema::dbus;
-use flotilla_schema::dbus_server::zbus::Connection;
+use flotilla_schema::dbus_server::zbus::export::futures_core::Stream;
+use flotilla_schema::dbus_server::zbus::{self, Connection, MatchRule, Message, MessageStream};
 use flotilla_schema::dbus_server::{emit_qmp_event, serve, Exported, VmmCore1, VmmCore1Handler};
 use flotilla_schema::types::{
     ChardevInfo, CpuInfo, KvmInfo, MigrationInfo, NameInfo, PciDeviceInfo, PciDeviceInfoClassInfo, PciDeviceInfoId,
@@ -402,6 +407,7 @@ impl DbusServer {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let (addr, name) = (address.to_string(), bus_name.clone());
+        let block_name = dbus::bus_name(instance, "Block");
         std::thread::Builder::new()
             .name("dbus".into())
             .spawn(move || {
@@ -412,7 +418,7 @@ impl DbusServer {
                         return;
                     }
                 };
-                rt.block_on(run(core, pump, addr, name, path, ready_tx, stop_rx));
+                rt.block_on(run(core, pump, addr, name, block_name, path, ready_tx, stop_rx));
                 drop(rt);
                 let _ = done_tx.send(());
             })
@@ -444,16 +450,59 @@ impl DbusServer {
     }
 }
 
+/// Whether a `QmpEvent` from blockd asks the VM to stop: BLOCK_IO_ERROR with action `stop`.
+pub fn io_error_stops(event: &str, data: &str) -> bool {
+    event == "BLOCK_IO_ERROR"
+        && serde_json::from_str::<Value>(data).is_ok_and(|d| d.get("action").and_then(Value::as_str) == Some("stop"))
+}
+
+/// Subscribes to the `QmpEvent` signals of whoever owns `block_name` (blockd, across restarts:
+/// the bus matches the name's current owner).
+async fn block_events(conn: &Connection, block_name: &str) -> zbus::Result<MessageStream> {
+    let rule = MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender(block_name)
+        .interface(dbus::EVENTS_INTERFACE)
+        .member(dbus::EVENT_SIGNAL)
+        .build()?;
+    MessageStream::for_match_rule(rule, conn, None).await
+}
+
+/// The next message of `stream`; never resolves without one.
+async fn next_message(stream: &mut Option<MessageStream>) -> Option<zbus::Result<Message>> {
+    match stream {
+        Some(s) => std::future::poll_fn(|cx| std::pin::Pin::new(&mut *s).poll_next(cx)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A signal from blockd: BLOCK_IO_ERROR with action stop pauses the guest in `io-error`.
+async fn on_block_event(core: &Core, pump: &EventPump, msg: &Message) {
+    let Ok((event, data, _, _)) = msg.body().deserialize::<(String, String, i64, i64)>() else { return };
+    if !io_error_stops(&event, &data) {
+        return;
+    }
+    tracing::warn!(%data, "block I/O error with action stop: pausing in io-error");
+    match core.blocking(|vm| vm.stop_on_io_error()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!("cannot stop the VM on an I/O error: {e}"),
+        Err(e) => tracing::error!("cannot stop the VM on an I/O error: {}", e.desc),
+    }
+    pump.flush().await;
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run(
     core: Arc<Core>,
     pump: Arc<EventPump>,
     address: String,
     bus_name: String,
+    block_name: String,
     path: String,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let iface = match Exported::new(VmmCore1::new(core), EXPORTED) {
+    let iface = match Exported::new(VmmCore1::new(core.clone()), EXPORTED) {
         Ok(i) => i,
         Err(e) => {
             let _ = ready.send(Err(e.to_string()));
@@ -471,11 +520,23 @@ async fn run(
             return;
         }
     };
+    let mut blockd = match block_events(&conn, &block_name).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot subscribe to blockd's events ({e}): block I/O errors will not stop the VM");
+            None
+        }
+    };
     *pump.conn.lock().await = Some(conn.clone());
     let _ = ready.send(Ok(()));
     loop {
         tokio::select! {
             _ = pump.wake.notified() => pump.flush().await,
+            msg = next_message(&mut blockd) => match msg {
+                Some(Ok(m)) => on_block_event(&core, &pump, &m).await,
+                Some(Err(e)) => tracing::debug!("blockd event stream: {e}"),
+                None => blockd = None,
+            },
             _ = &mut stop => break,
             _ = conn.closed() => {
                 tracing::warn!("the D-Bus connection closed");
@@ -520,6 +581,15 @@ mod tests {
         want.sort_unstable();
         got.sort_unstable();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn only_block_io_errors_with_action_stop_stop_the_vm() {
+        assert!(io_error_stops("BLOCK_IO_ERROR", r#"{"device":"d0","operation":"write","action":"stop"}"#));
+        assert!(!io_error_stops("BLOCK_IO_ERROR", r#"{"device":"d0","operation":"write","action":"report"}"#));
+        assert!(!io_error_stops("BLOCK_IO_ERROR", r#"{"device":"d0","operation":"read","action":"ignore"}"#));
+        assert!(!io_error_stops("BLOCK_IO_ERROR", "not json"));
+        assert!(!io_error_stops("STOP", r#"{"action":"stop"}"#));
     }
 
     #[test]
