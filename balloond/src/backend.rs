@@ -257,15 +257,19 @@ impl VhostUserBackend for BalloonBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread: usize,
+        thread: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
-            return Err(io::Error::other(format!("event for unknown queue {device_event}")));
+        // vhost-user-backend numbers events and passes vrings per worker thread; with one
+        // queue per thread (`queues_per_thread`) the thread index is the queue, and its vring
+        // is the thread's first.
+        let queue = u16::try_from(thread).ok().filter(|&q| usize::from(q) < NUM_QUEUES);
+        let (Some(queue), Some(vring)) = (queue, vrings.get(usize::from(device_event))) else {
+            return Err(io::Error::other(format!("event {device_event} of worker {thread}: no such queue")));
         };
-        if self.process_queue(device_event, vring)? {
+        if self.process_queue(queue, vring)? {
             vring.signal_used_queue()?;
         }
         Ok(())

@@ -324,7 +324,9 @@ impl Rings {
     }
 
     fn kick(&self, q: u16) {
-        self.backend.handle_event(q, EventSet::IN, &self.vrings, usize::from(q)).unwrap();
+        // As vhost-user-backend calls it: per worker thread, event 0, that thread's vrings.
+        let q = usize::from(q);
+        self.backend.handle_event(0, EventSet::IN, &self.vrings[q..=q], q).unwrap();
     }
 
     fn used_idx(&self, q: u16) -> u16 {
