@@ -397,6 +397,26 @@ fn balloond_over_vhost_user_and_dbus() {
     assert!(socket.exists(), "listening before ready");
     let mut gw = Gateway::connect(&bus.address);
 
+    // Exactly the implemented commands are exported (the gateway builds query-commands
+    // from this).
+    let xml: String = gw
+        .rt
+        .block_on(gw.conn.call_method(
+            Some(BUS_NAME),
+            PATH,
+            Some("org.freedesktop.DBus.Introspectable"),
+            "Introspect",
+            &(),
+        ))
+        .unwrap()
+        .body()
+        .deserialize()
+        .unwrap();
+    for want in ["<method name=\"Balloon\">", "<method name=\"QueryBalloon\">", "org.flotilla.Events1"] {
+        assert!(xml.contains(want), "{want} missing:\n{xml}");
+    }
+    assert!(!xml.contains("QomList"), "QOM is not served:\n{xml}");
+
     // Before any frontend: the device answers, actual = all of RAM.
     assert_eq!(gw.query_balloon(), serde_json::json!({ "actual": MEM }));
     let err = gw.balloon(0).unwrap_err();
