@@ -14,6 +14,7 @@ pub mod memory;
 pub mod regs;
 pub mod runstate;
 pub mod vcpu;
+pub mod vhost_user;
 pub mod virtio_pci;
 pub mod vm;
 

@@ -6,7 +6,7 @@ use crate::acpi;
 use crate::boot::{self, BootEntry, BootSpec};
 use crate::chardev::Chardev;
 use crate::cpuid;
-use crate::devices::bus::{lock, Bus};
+use crate::devices::bus::{lock, Bus, MmioWindow};
 use crate::devices::i8042::I8042;
 use crate::devices::marker::BootMarker;
 use crate::devices::pci::{PciBus, PciConfigIo, PciEcam, PciFunctionInfo, SharedPciBus};
@@ -18,6 +18,8 @@ use crate::layout;
 use crate::memory::{GuestRam, MemoryError};
 use crate::runstate::{EventCallback, EventHub, EventReason, RunState, VmEvent, VmEventKind};
 use crate::vcpu::{ControlMsg, VcpuContext, VcpuError, VcpuHandle, VcpuInfo};
+use crate::vhost_user::{self, FrontendError, MachineParts};
+use crate::virtio_pci::BAR_SIZE;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use std::io::Write;
@@ -58,6 +60,12 @@ pub enum VmError {
     VcpuOp(u8, String),
     #[error("interrupt routing: {0}")]
     Irq(#[from] IrqError),
+    #[error(transparent)]
+    VhostUser(#[from] FrontendError),
+    #[error("device '{id}': PCI slot {slot} is taken or does not exist")]
+    PciSlot { id: String, slot: u8 },
+    #[error("device '{id}': no room left on PCI bus 0 or in the 32-bit PCI window")]
+    PciFull { id: String },
 }
 
 /// Why the machine ended (the process then exits).
@@ -120,6 +128,10 @@ struct VmInner {
     control: Sender<ControlMsg>,
     nmi_supported: bool,
     irq: SharedIrqRouter,
+    /// The fixed MMIO bus as vCPUs see it, for host-side accesses ([`Vm::mmio_read`]).
+    mmio: Bus,
+    /// The 32-bit PCI window where BARs live.
+    pci_window: MmioWindow,
 }
 
 /// A running (or paused) machine. Cloning shares it.
@@ -213,6 +225,11 @@ impl Vm {
         io_bus.insert(layout::PCI_CONFIG_ADDRESS as u64, 1, cfg_io.clone())?;
         io_bus.insert(layout::PCI_CONFIG_DATA as u64, 4, Arc::new(Mutex::new(PciDataWindow(cfg_io))))?;
         mmio_bus.insert(layout::PCI_ECAM_START, layout::PCI_ECAM_SIZE, Arc::new(Mutex::new(PciEcam::new(pci.clone()))))?;
+        let pci_window = MmioWindow::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE);
+        mmio_bus.insert(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE, Arc::new(Mutex::new(pci_window.clone())))?;
+        // Until VmInner owns the window (and clears it when dropped), an error clears it here.
+        let window_guard = ClearWindowOnError(Some(pci_window.clone()));
+        let pci_slots = add_vhost_user_functions(&cfg, &ram, &irq_router, &pci_window, &vm, &pci)?;
 
         let serial = match &cfg.serial {
             Some(chr) => {
@@ -230,8 +247,9 @@ impl Vm {
             None => None,
         };
 
-        let tables = acpi::build(&acpi::AcpiConfig { cpus: cfg.cpus, pci_devices: Vec::new() })
+        let tables = acpi::build(&acpi::AcpiConfig { cpus: cfg.cpus, pci_devices: pci_slots })
             .map_err(|e| VmError::Acpi(e.to_string()))?;
+        let mmio = mmio_bus.clone();
         let ctx = Arc::new(VcpuContext { io_bus, mmio_bus, mem: ram.mem.clone(), control: control.clone() });
 
         let supported = kvm
@@ -263,7 +281,10 @@ impl Vm {
             control,
             nmi_supported,
             irq: irq_router,
+            mmio,
+            pci_window,
         });
+        window_guard.disarm();
         inner.load_and_reset_cpus()?;
         spawn_controller(Arc::downgrade(&inner), control_rx);
         let vm = Vm { inner };
@@ -466,6 +487,18 @@ impl Vm {
         &self.inner.ram
     }
 
+    /// A read of guest-physical MMIO as a vCPU would do it (ECAM, BARs), from the host side:
+    /// tests play a guest driver with it. Returns false when nothing is mapped there.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.inner.mmio.read(addr, data)
+    }
+
+    /// A write of guest-physical MMIO as a vCPU would do it (an ioeventfd address written this
+    /// way reaches the device's userspace handler, which signals the same eventfd).
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        self.inner.mmio.write(addr, data)
+    }
+
     /// A drive's error policy said stop (blockd's BLOCK_IO_ERROR with action `stop`): a
     /// running guest pauses in `io-error` (STOP event; `cont` resumes it). Anything not running
     /// stays as it is, as QEMU's vm_stop does. Returns whether it stopped the guest.
@@ -479,6 +512,60 @@ impl Vm {
         self.inner.events.emit(VmEventKind::Stop);
         Ok(true)
     }
+}
+
+/// Clears the PCI window when `Vm::new` fails before the machine owns it: mapped BARs and
+/// their devices reference each other, and the devices' vhost-user threads must end.
+struct ClearWindowOnError(Option<MmioWindow>);
+
+impl ClearWindowOnError {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ClearWindowOnError {
+    fn drop(&mut self) {
+        if let Some(w) = self.0.take() {
+            w.clear();
+        }
+    }
+}
+
+/// Builds the virtio-pci function and vhost-user frontend of every `vhost_user_devices` entry,
+/// in its slot (or the first free one), with its BAR placed in the 32-bit window in order.
+/// Returns the slots for the ACPI tables.
+fn add_vhost_user_functions(
+    cfg: &MachineConfig,
+    ram: &GuestRam,
+    irq: &SharedIrqRouter,
+    window: &MmioWindow,
+    vm: &Arc<VmFd>,
+    pci: &SharedPciBus,
+) -> Result<Vec<acpi::AcpiPciSlot>, VmError> {
+    let parts = MachineParts { mem: &ram.mem, irq, window, ioevents: vm.clone() };
+    let mut slots = Vec::new();
+    let mut next_bar = layout::PCI_MMIO32_START;
+    for dev in &cfg.vhost_user_devices {
+        if !window.contains(next_bar, BAR_SIZE) {
+            return Err(VmError::PciFull { id: dev.id.clone() });
+        }
+        let slot = match dev.pci_slot {
+            Some(s) => s,
+            None => lock(pci).free_slot().ok_or_else(|| VmError::PciFull { id: dev.id.clone() })?,
+        };
+        if slot >= acpi::PCI_SLOTS || !lock(pci).is_free(slot) {
+            return Err(VmError::PciSlot { id: dev.id.clone(), slot });
+        }
+        let function = vhost_user::build_function(dev, next_bar, &parts)?;
+        if !lock(pci).add_at(slot, function) {
+            return Err(VmError::PciSlot { id: dev.id.clone(), slot });
+        }
+        tracing::info!(id = %dev.id, slot, bar = format_args!("{next_bar:#x}"), kind = ?dev.kind, "virtio-pci function");
+        slots.push(acpi::AcpiPciSlot { slot, irq_pin: 0 });
+        next_bar += BAR_SIZE;
+    }
+    Ok(slots)
 }
 
 /// 0xCFC..0xCFF, forwarded to the config mechanism with the right offset.
@@ -558,6 +645,8 @@ impl VmInner {
             return Ok(());
         }
         self.pause_all()?;
+        // PCI functions back to power-on (their rings stopped, BARs where vmm-core put them).
+        lock(&self.pci).reset();
         self.load_and_reset_cpus()?;
         st.fault = None;
         let reason = if guest { EventReason::GuestReset } else { EventReason::HostQmpSystemReset };
@@ -639,6 +728,9 @@ impl Drop for VmInner {
         let _ = self.control.send(ControlMsg::Exit);
         // VcpuHandle's Drop stops and joins each thread before guest RAM is unmapped.
         self.vcpus.clear();
+        // The mapped BARs hold their devices and the devices hold the window: break the cycle
+        // so each function (and its vhost-user thread) goes with the machine.
+        self.pci_window.clear();
     }
 }
 

@@ -123,6 +123,11 @@ impl MmioWindow {
         self.inner.write().unwrap_or_else(|e| e.into_inner()).remove(addr)
     }
 
+    /// Unmaps everything (machine teardown: devices hold the window, the window holds them).
+    pub fn clear(&self) {
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = Bus::default();
+    }
+
     fn lookup(&self, offset: u64) -> Option<(u64, SharedDevice)> {
         self.inner.read().unwrap_or_else(|e| e.into_inner()).lookup(self.base + offset)
     }

@@ -226,6 +226,11 @@ impl PciBus {
         }
     }
 
+    /// Whether `slot` exists and is empty.
+    pub fn is_free(&self, slot: u8) -> bool {
+        matches!(self.slots.get(slot as usize), Some(None))
+    }
+
     /// The first free slot, if any.
     pub fn free_slot(&self) -> Option<u8> {
         self.slots.iter().position(Option::is_none).map(|s| s as u8)

@@ -1,0 +1,230 @@
+//! vmm-core's vhost-user frontend: one per virtio-pci function whose device model lives in a
+//! backend daemon (blockd, balloond, any vhost-user backend). The data path never enters
+//! vmm-core: each queue's kick is the KVM ioeventfd on its notify address, each call fd is the
+//! irqfd eventfd of the queue's MSI-X vector.
+//!
+//! ## Lifecycle
+//!
+//! A worker thread per device owns the connection ([`worker`]). The transport's requests
+//! (FEATURES_OK, DRIVER_OK, config writes, reset) are posted to it and never wait on the
+//! backend, so a vCPU is never blocked by one. On connect it sends SET_OWNER, GET_FEATURES,
+//! GET/SET_PROTOCOL_FEATURES (MQ, REPLY_ACK, CONFIG, BACKEND_REQ, RESET_DEVICE where offered;
+//! NEED_REPLY on every message once REPLY_ACK is on), GET_QUEUE_NUM, SET_BACKEND_REQ_FD,
+//! SET_MEM_TABLE (the guest-RAM memfd regions) and GET_CONFIG (cached: device-config reads are
+//! answered from the cache, also while no backend is there). At FEATURES_OK: SET_FEATURES (the
+//! driver's features plus the vhost-user protocol bit). At DRIVER_OK, per enabled queue:
+//! SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR (vmm-core's own virtual addresses),
+//! SET_VRING_KICK, SET_VRING_CALL (none for a queue without a vector), SET_VRING_ENABLE. A
+//! device reset stops the rings (GET_VRING_BASE) and sends RESET_DEVICE when negotiated.
+//! CONFIG_CHANGE_MSG on the backend-request channel re-reads the config, bumps
+//! `config_generation`, sets ISR bit 1 and signals the config vector.
+//!
+//! ## Reconnect
+//!
+//! A backend absent at start or gone later never takes vmm-core down: the PCI function stays,
+//! the guest's kicks wait in the ioeventfds, and the worker retries every 50 ms doubling to 1 s
+//! (one info line per outage, one when it is back). A new connection replays everything: the
+//! handshake, SET_FEATURES, and the rings. Without inflight tracking (vhost-user-backend has
+//! none), each ring's base is the used ring's idx read from guest memory, so requests the dead
+//! backend took but never completed are run again: safe for block (rewrites of the same data)
+//! and balloon; not exact if the dead backend completed requests out of order (then a request
+//! may complete twice or not at all; inflight-fd support is where that gets fixed, see
+//! [`session::Session::start_queues`]). A new backend that lacks a feature the driver
+//! negotiated sets DEVICE_NEEDS_RESET.
+
+pub mod backend_req;
+pub mod session;
+pub mod worker;
+
+use crate::devices::bus::{lock, MmioWindow};
+use crate::irq::{IrqError, SharedIrqRouter};
+use crate::virtio_pci::{
+    DeviceSignals, FunctionSpec, IoEventRegistrar, MsixTable, QueueConfig, RouterVectors, VirtioDeviceModel,
+    VirtioPciDevice, VirtioPciError,
+};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use vm_config::{VhostUserDevice, VirtioKind};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+use worker::{Command, Mailbox, Worker};
+
+/// What the frontend needs to know about its device.
+#[derive(Debug, Clone)]
+pub struct FrontendSpec {
+    pub id: String,
+    pub socket: PathBuf,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    /// Bytes of device configuration to fetch with GET_CONFIG.
+    pub config_len: usize,
+}
+
+/// The device configuration size vmm-core asks the backend for (QEMU's sizes: virtio-blk's
+/// `struct virtio_blk_config` up to `write_zeroes_may_unmap` and padding, 60 bytes; the
+/// balloon's `num_pages` and `actual`, 8 bytes).
+pub fn config_len(kind: VirtioKind) -> usize {
+    match kind {
+        VirtioKind::Block => 60,
+        VirtioKind::Balloon => 8,
+    }
+}
+
+/// PCI class << 8 | subclass as QEMU gives each kind (virtio-blk: PCI_CLASS_STORAGE_SCSI,
+/// virtio-balloon: PCI_CLASS_OTHERS).
+pub fn pci_class(kind: VirtioKind) -> u16 {
+    match kind {
+        VirtioKind::Block => 0x0100,
+        VirtioKind::Balloon => 0x00ff,
+    }
+}
+
+/// The transport's handle on the worker: posts requests, stops the thread when dropped.
+pub struct VhostUserModel {
+    id: String,
+    mailbox: Arc<Mailbox>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("device '{id}': creating an eventfd: {source}")]
+    EventFd {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("device '{id}': starting its vhost-user thread: {source}")]
+    Thread {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("device '{id}': allocating MSI-X vectors: {source}")]
+    Vectors {
+        id: String,
+        #[source]
+        source: IrqError,
+    },
+    #[error(transparent)]
+    Transport(#[from] VirtioPciError),
+    #[error("device '{id}': {num_queues} queues of {queue_size} entries (need 1..=64 queues, a power-of-two size up to 32768)")]
+    Shape { id: String, num_queues: u16, queue_size: u16 },
+}
+
+impl VhostUserModel {
+    /// Starts the worker. One connection attempt is made before returning, so a backend that
+    /// is already listening is connected (and its features known) before the guest runs.
+    pub fn spawn(
+        spec: FrontendSpec,
+        mem: GuestMemoryMmap,
+        signals: Arc<DeviceSignals>,
+        kicks: Vec<EventFd>,
+    ) -> Result<VhostUserModel, FrontendError> {
+        let id = spec.id.clone();
+        let wake =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| FrontendError::EventFd { id: id.clone(), source })?;
+        let mailbox = Arc::new(Mailbox { queue: Mutex::new(Default::default()), wake });
+        let mut w = Worker::new(spec, mem, signals, kicks, mailbox.clone());
+        w.try_connect();
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-user-{id}"))
+            .spawn(move || w.run())
+            .map_err(|source| FrontendError::Thread { id: id.clone(), source })?;
+        Ok(VhostUserModel { id, mailbox, thread: Some(thread) })
+    }
+}
+
+impl VirtioDeviceModel for VhostUserModel {
+    fn write_config(&mut self, offset: u32, data: &[u8]) {
+        self.mailbox.post(Command::WriteConfig { offset, data: data.to_vec() });
+    }
+    fn features_ok(&mut self, features: u64) {
+        self.mailbox.post(Command::FeaturesOk(features));
+    }
+    fn start(&mut self, queues: Vec<QueueConfig>) {
+        self.mailbox.post(Command::Start(queues));
+    }
+    fn stop(&mut self) {
+        self.mailbox.post(Command::Stop);
+    }
+    fn reset(&mut self, seq: u64) {
+        self.mailbox.post(Command::Reset(seq));
+    }
+}
+
+impl Drop for VhostUserModel {
+    fn drop(&mut self) {
+        self.mailbox.post(Command::Exit);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!(id = %self.id, "the vhost-user thread panicked");
+            }
+        }
+    }
+}
+
+/// Everything a vhost-user function needs from the machine.
+pub struct MachineParts<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub irq: &'a SharedIrqRouter,
+    pub window: &'a MmioWindow,
+    pub ioevents: Arc<dyn IoEventRegistrar>,
+}
+
+/// Builds the virtio-pci function for `dev` with its frontend, its BAR at `bar_address`.
+pub fn build_function(
+    dev: &VhostUserDevice,
+    bar_address: u64,
+    m: &MachineParts<'_>,
+) -> Result<Arc<Mutex<VirtioPciDevice>>, FrontendError> {
+    let id = dev.id.clone();
+    if dev.num_queues == 0
+        || dev.num_queues > 64
+        || dev.queue_size == 0
+        || !dev.queue_size.is_power_of_two()
+        || dev.queue_size > 32768
+    {
+        return Err(FrontendError::Shape { id, num_queues: dev.num_queues, queue_size: dev.queue_size });
+    }
+    // One vector per queue and one for configuration changes, as QEMU sizes it.
+    let mut vectors = Vec::with_capacity(dev.num_queues as usize + 1);
+    for _ in 0..=dev.num_queues {
+        match lock(m.irq).allocate_msi() {
+            Ok(v) => vectors.push(v),
+            Err(source) => {
+                for v in vectors {
+                    let _ = lock(m.irq).release(v.gsi);
+                }
+                return Err(FrontendError::Vectors { id, source });
+            }
+        }
+    }
+    let eventfd = |source| FrontendError::EventFd { id: id.clone(), source };
+    let signal_fds = vectors.iter().map(|v| v.eventfd.try_clone()).collect::<Result<Vec<_>, _>>().map_err(eventfd)?;
+    let signals = Arc::new(DeviceSignals::new(signal_fds));
+    let msix = MsixTable::new(Box::new(RouterVectors::new(m.irq.clone(), vectors)));
+    let kicks = (0..dev.num_queues)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(eventfd)?;
+    let worker_kicks = kicks.iter().map(|k| k.try_clone()).collect::<Result<Vec<_>, _>>().map_err(eventfd)?;
+    let spec = FrontendSpec {
+        id: id.clone(),
+        socket: dev.socket.clone(),
+        num_queues: dev.num_queues,
+        queue_size: dev.queue_size,
+        config_len: config_len(dev.kind),
+    };
+    let model = VhostUserModel::spawn(spec, m.mem.clone(), signals.clone(), worker_kicks)?;
+    let fspec = FunctionSpec {
+        id,
+        device_id: dev.kind.device_id(),
+        class: pci_class(dev.kind),
+        num_queues: dev.num_queues,
+        queue_size: dev.queue_size,
+        bar_address,
+    };
+    Ok(VirtioPciDevice::new(fspec, m.window.clone(), m.ioevents.clone(), msix, signals, Box::new(model), kicks)?)
+}
