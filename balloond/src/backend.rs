@@ -127,25 +127,29 @@ impl BalloonBackend {
         let Some(mem) = self.memory() else { return Ok(false) };
         let mem = mem.memory();
         let dev = &self.inner.device;
+        // The stats ring is popped under the held-buffer lock, so that popping a buffer and
+        // holding it is one step for `stop_vring` and `request_stats` (same lock order: held
+        // buffer, then ring).
+        let mut held = (queue == STATS).then(|| lock(&self.inner.stats_held));
         let mut used_any = false;
         loop {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            match queue {
-                INFLATE => queues::inflate(dev, &chain),
-                DEFLATE => queues::deflate(dev, &chain),
-                _ => {
+            match (queue, held.as_mut()) {
+                (INFLATE, _) => queues::inflate(dev, &chain),
+                (DEFLATE, _) => queues::deflate(dev, &chain),
+                (_, Some(held)) => {
                     queues::stats(dev, &chain);
                     // Keep this buffer; a driver that sends another while we hold one gets the
                     // old one back (QEMU does the same).
-                    let old = lock(&self.inner.stats_held).replace((vring.clone(), head));
-                    if let Some((_, old_head)) = old {
+                    if let Some((_, old_head)) = held.replace((vring.clone(), head)) {
                         vring.add_used(old_head, 0).map_err(io::Error::other)?;
                         used_any = true;
                     }
                     continue;
                 }
+                (_, None) => {}
             }
             vring.add_used(head, 0).map_err(io::Error::other)?;
             used_any = true;
