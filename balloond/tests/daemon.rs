@@ -523,3 +523,36 @@ fn print_capabilities_and_usage_errors() {
         assert!(err.contains("balloond:"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn standalone_on_an_inherited_listening_socket() {
+    let dir = scratch();
+    let socket = dir.join("inherited.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let fd = listener.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own: clear FD_CLOEXEC so the child inherits it (the
+    // vhost-user spec's --fd convention).
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_balloond"))
+        .args(["--fd", &fd.to_string(), "--mem-bytes", &MEM.to_string()])
+        .stderr(File::create(dir.join("balloond.log")).unwrap())
+        .spawn()
+        .unwrap();
+    drop(listener);
+    let (mem, file) = memfd_guest();
+    mem.write_slice(&vec![0x11u8; (BALLOONED + (N_PAGES + 8) * PAGE) as usize], GuestAddress(0)).unwrap();
+    let mocks: Vec<_> = (0..3).map(|q| MockSplitQueue::create(&mem, ring_base(q), QSIZE)).collect();
+    let mut fe = TestFrontend::connect(&socket, &mem, &mocks);
+    assert_eq!(fe.config(), (0, 0));
+    let len = pfn_list(&mem, &[(BALLOONED / PAGE) as u32, (BALLOONED / PAGE + 1) as u32]);
+    let before = allocated(&file);
+    offer(&mocks[INFLATE], 0, LIST, len);
+    fe.kick_and_wait_used(&mocks[INFLATE], INFLATE, 1);
+    assert_eq!(before - allocated(&file), 2 * PAGE);
+    drop(fe);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = wait_exit(&mut child, WAIT).expect("balloond did not exit on SIGTERM");
+    assert!(st.success(), "{st:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
