@@ -60,7 +60,6 @@ struct Args {
     dbus: Option<(String, String)>,
     ready_fd: Option<i32>,
     stats_interval: Option<Duration>,
-    print_capabilities: bool,
 }
 
 fn number<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, MainError> {
@@ -75,7 +74,6 @@ fn parse_args() -> Result<Args, MainError> {
         dbus: None,
         ready_fd: None,
         stats_interval: Some(Duration::from_secs(1)),
-        print_capabilities: false,
     };
     let (mut address, mut instance, mut config) = (None, None, None);
     let mut it = std::env::args().skip(1);
@@ -104,7 +102,6 @@ fn parse_args() -> Result<Args, MainError> {
                 let ms: u64 = number(&name, &value()?)?;
                 a.stats_interval = (ms > 0).then(|| Duration::from_millis(ms));
             }
-            "--print-capabilities" => a.print_capabilities = true,
             "-h" | "--help" => return Err(MainError::Usage(String::new())),
             other => return Err(MainError::Usage(format!("unknown argument '{other}'"))),
         }
@@ -126,12 +123,14 @@ fn parse_args() -> Result<Args, MainError> {
 }
 
 fn run() -> Result<(), MainError> {
-    let args = parse_args()?;
-    if args.print_capabilities {
-        // The vhost-user spec's backend-program convention; balloon has no options to list.
+    // The vhost-user spec's backend-program convention: with --print-capabilities, print and
+    // exit, ignoring every other argument. vhost-user.json has no balloon type (no other
+    // vhost-user balloon exists); "balloon" is what one would be called. No options to list.
+    if std::env::args().skip(1).any(|a| a == "--print-capabilities") {
         println!("{{\"type\": \"balloon\"}}");
         return Ok(());
     }
+    let args = parse_args()?;
     let mem_bytes = args.mem_bytes.ok_or_else(|| MainError::Usage("no --mem-bytes (or --config-json) given".into()))?;
     if mem_bytes == 0 {
         return Err(MainError::Usage("--mem-bytes must be above 0".into()));

@@ -505,10 +505,13 @@ fn balloond_over_vhost_user_and_dbus() {
 
 #[test]
 fn print_capabilities_and_usage_errors() {
-    let out = Command::new(env!("CARGO_BIN_EXE_balloond")).arg("--print-capabilities").output().unwrap();
-    assert!(out.status.success());
-    let caps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(caps, serde_json::json!({ "type": "balloon" }));
+    // Other arguments are ignored then, valid or not (the vhost-user spec).
+    for args in [&["--print-capabilities"][..], &["--bogus", "--print-capabilities", "--fd"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_balloond")).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let caps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(caps, serde_json::json!({ "type": "balloon" }));
+    }
     for args in [
         vec!["--mem-bytes", "4096"],
         vec!["--socket-path", "/nonexistent/x.sock"],
