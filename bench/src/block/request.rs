@@ -47,7 +47,7 @@ impl SlotPlan {
     /// A plan for `qd` requests of up to `max_len` bytes in segments of `seg`; `None` when the
     /// descriptors would not fit a queue of `queue_size` or the numbers make no sense.
     pub fn new(qd: u16, max_len: u64, seg: u32, queue_size: u16, hdr_base: u64, data_base: u64) -> Option<SlotPlan> {
-        if qd == 0 || seg == 0 || max_len == 0 || data_base % 4096 != 0 {
+        if qd == 0 || seg == 0 || max_len == 0 || !data_base.is_multiple_of(4096) {
             return None;
         }
         let segs = max_len.div_ceil(u64::from(seg));
@@ -66,7 +66,7 @@ impl SlotPlan {
     /// The slot whose chain starts at descriptor `head` (what a used element names).
     pub fn slot_of(&self, head: u32) -> Option<u16> {
         let d = u32::from(self.descs_per_slot);
-        (head % d == 0 && head / d < u32::from(self.qd)).then(|| (head / d) as u16)
+        (head.is_multiple_of(d) && head / d < u32::from(self.qd)).then(|| (head / d) as u16)
     }
 
     pub fn header_addr(&self, slot: u16) -> u64 {

@@ -34,7 +34,7 @@ impl Layout {
     /// of virtio 1.x 2.7 (legacy's page alignment is not needed with VERSION_1).
     /// `size` must be a power of two up to 32768.
     pub fn new(base: u64, size: u16) -> Option<Layout> {
-        if size == 0 || !size.is_power_of_two() || size > 32768 || base % 16 != 0 {
+        if size == 0 || !size.is_power_of_two() || size > 32768 || !base.is_multiple_of(16) {
             return None;
         }
         let n = u64::from(size);
