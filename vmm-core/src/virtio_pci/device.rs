@@ -238,7 +238,10 @@ impl VirtioPciDevice {
     }
 
     fn shown_status(&self) -> u8 {
-        if self.signals.reset_pending() {
+        // Until the model has stopped the rings, the old status shows, so a driver waiting for
+        // 0 does not reuse ring memory too early. A driver that goes on writing status without
+        // waiting sees its own writes (the model still handles everything in order).
+        if self.status_during_reset != 0 && self.signals.reset_pending() {
             return self.status_during_reset;
         }
         let mut s = self.common.status();
@@ -280,6 +283,9 @@ impl VirtioPciDevice {
     fn common_write(&mut self, offset: u64, value: u32) {
         let offered = self.offered_features();
         let shown = self.shown_status();
+        if offset == super::common::off::STATUS {
+            self.status_during_reset = 0;
+        }
         for change in self.common.write(offset, value, offered) {
             match change {
                 StatusChange::Reset => {
@@ -826,6 +832,13 @@ mod tests {
         assert_eq!(r.r(BASE + off::STATUS, 1), 0xf, "the rings are not stopped yet");
         r.signals.complete_reset(1);
         assert_eq!(r.r(BASE + off::STATUS, 1), 0);
+        // A driver that resets a device showing 0 and goes on at once sees its own writes,
+        // even while the model is still resetting.
+        r.common(off::STATUS, 0, 1);
+        r.common(off::STATUS, 0, 1);
+        r.common(off::STATUS, 1, 1);
+        assert!(r.signals.reset_pending());
+        assert_eq!(r.r(BASE + off::STATUS, 1), 1);
     }
 
     #[test]
