@@ -8,3 +8,4 @@ pub mod machine;
 pub mod process;
 pub mod pyqmp;
 pub mod qmp;
+pub mod vhost_frontend;
