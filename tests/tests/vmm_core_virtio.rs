@@ -227,6 +227,8 @@ fn a_killed_backend_is_replaced_and_no_write_is_lost() {
         q.kick();
     }
     blockd.kill();
+    let done_at_kill = q.used_idx();
+    eprintln!("{done_at_kill} of {} requests completed when blockd was killed", N / 2);
     // More requests while no backend is there: they wait in the ring and the kick eventfd.
     for i in N / 2..N {
         statuses.push(submit(&vm, &mut q, i, VIRTIO_BLK_T_OUT, 100 + i, &pattern(i)));

@@ -181,14 +181,14 @@ impl MsixTable {
     pub fn read_table(&self, offset: u64) -> u32 {
         let (v, word) = ((offset / ENTRY_SIZE) as usize, ((offset % ENTRY_SIZE) / 4) as usize);
         match self.entries.get(v) {
-            Some(e) if offset % 4 == 0 => e[word],
+            Some(e) if offset.is_multiple_of(4) => e[word],
             _ => 0,
         }
     }
 
     pub fn write_table(&mut self, offset: u64, value: u32) {
         let (v, word) = ((offset / ENTRY_SIZE) as usize, ((offset % ENTRY_SIZE) / 4) as usize);
-        if offset % 4 != 0 || v >= self.entries.len() {
+        if !offset.is_multiple_of(4) || v >= self.entries.len() {
             return;
         }
         let old = self.entries[v];
@@ -203,7 +203,7 @@ impl MsixTable {
 
     /// A dword of the PBA at byte `offset` into it.
     pub fn read_pba(&self, offset: u64) -> u32 {
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return 0;
         }
         let first = offset * 8;
