@@ -76,26 +76,42 @@ struct Blockd {
 
 impl Blockd {
     fn start(dir: &TempDir, drive: &str) -> Blockd {
+        Blockd::start_with(dir, drive, &[])
+    }
+
+    /// With more arguments (`--dbus-address A --instance I`); returns once blockd wrote
+    /// `ready` on its --ready-fd pipe (socket listening, bus name owned).
+    fn start_with(dir: &TempDir, drive: &str, extra: &[&str]) -> Blockd {
         let socket = dir.path("vub.sock");
+        let (r, w) = nix::unistd::pipe().expect("pipe");
         let child = Command::new(blockd_bin())
             .arg("--socket-path")
             .arg(&socket)
             .args(["--drive", drive])
+            .args(extra)
+            .args(["--ready-fd", &w.as_raw_fd().to_string()])
             .env("BLOCKD_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawning blockd");
+        drop(w);
         let mut reaper = Reaper::new(child, &dir.0.display().to_string());
-        let log = Collector::new(reaper.child().stderr.take().expect("stderr"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "blockd did not create {}", socket.display());
-            if let Ok(Some(st)) = reaper.child().try_wait() {
-                panic!("blockd exited early ({st})");
+        let mut log = Collector::new(reaper.child().stderr.take().expect("stderr"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // One line, not EOF: a child spawned meanwhile by another test may hold the write end.
+            let mut s = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(std::fs::File::from(r)), &mut s);
+            let _ = tx.send(s);
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(s) if s == "ready\n" => {}
+            other => {
+                let _ = reaper.child().kill();
+                panic!("blockd did not report ready ({other:?}):\n{}", log.take());
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
         Blockd { reaper, log, socket }
     }
@@ -208,7 +224,8 @@ fn write_cmd(c: char, off: u64) -> String {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e} (scripts/setup-host installs qemu-img/qemu-io)"));
+    let out =
+        cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e} (scripts/setup-host installs qemu-img/qemu-io)"));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
@@ -397,9 +414,15 @@ fn inherited_listening_fd_is_served() {
     assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 1);
     assert_eq!(u32::from_le_bytes(reply[8..12].try_into().unwrap()), 8);
     let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
-    for (bit, name) in [(30, "PROTOCOL_FEATURES"), (32, "VERSION_1"), (29, "EVENT_IDX"), (9, "FLUSH"), (12, "MQ"),
-        (13, "DISCARD"), (14, "WRITE_ZEROES")]
-    {
+    for (bit, name) in [
+        (30, "PROTOCOL_FEATURES"),
+        (32, "VERSION_1"),
+        (29, "EVENT_IDX"),
+        (9, "FLUSH"),
+        (12, "MQ"),
+        (13, "DISCARD"),
+        (14, "WRITE_ZEROES"),
+    ] {
         assert_ne!(features & (1 << bit), 0, "feature {name} missing from {features:#x}");
     }
     assert_eq!(features & (1 << 5), 0, "RO offered for a writable drive");
@@ -407,4 +430,346 @@ fn inherited_listening_fd_is_served() {
     signal(reaper.pid(), libc::SIGTERM);
     let status = wait_timeout(reaper.child(), Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()), "blockd on SIGTERM: {status:?}\n{}", log.take());
+}
+
+// ---- blockd's D-Bus side with QEMU as the frontend ----
+
+use flotilla_schema::dbus::{self as fdbus, EVENTS_INTERFACE, EVENT_SIGNAL};
+use flotilla_schema::dbus_server::zbus::export::futures_core::Stream;
+use flotilla_schema::dbus_server::zbus::{self, Connection, MatchRule, MessageStream};
+use serde_json::{json, Value};
+
+/// A private dbus-daemon listening in `dir`, killed on drop.
+struct Bus {
+    _reaper: Reaper,
+    address: String,
+}
+
+impl Bus {
+    fn start(dir: &TempDir) -> Bus {
+        let sock = dir.path("bus.sock");
+        let conf = dir.path("bus.conf");
+        let xml = format!(
+            "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\" \
+             \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n<busconfig><type>session</type>\
+             <listen>unix:path={}</listen><auth>EXTERNAL</auth><policy context=\"default\">\
+             <allow send_destination=\"*\" eavesdrop=\"true\"/><allow eavesdrop=\"true\"/><allow own=\"*\"/>\
+             </policy></busconfig>\n",
+            sock.display()
+        );
+        std::fs::write(&conf, xml).expect("bus config");
+        let child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .args(["--nofork", "--nopidfile"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon (package dbus)");
+        let reaper = Reaper::new(child, &dir.0.display().to_string());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "dbus-daemon did not create {}", sock.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Bus { _reaper: reaper, address: format!("unix:path={}", sock.display()) }
+    }
+}
+
+/// A zbus client standing in for the gateway (method calls) and vmm-core (RESUME).
+struct Dbus {
+    rt: tokio::runtime::Runtime,
+    conn: Connection,
+    block: String,
+}
+
+impl Dbus {
+    fn connect(bus: &Bus, instance: &str) -> Dbus {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let conn = rt.block_on(async {
+            tokio::time::timeout(REPLY, zbus::connection::Builder::address(bus.address.as_str()).build())
+                .await
+                .expect("connect in time")
+                .expect("connect")
+        });
+        Dbus { rt, conn, block: fdbus::bus_name(instance, "Block") }
+    }
+
+    fn call<B>(&self, method: &str, body: &B) -> Value
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+    {
+        self.rt.block_on(async {
+            let call = self.conn.call_method(
+                Some(self.block.as_str()),
+                "/org/flotilla/Block",
+                Some("org.flotilla.Block1"),
+                method,
+                body,
+            );
+            let reply = tokio::time::timeout(REPLY, call).await.expect("reply in time");
+            let reply = reply.unwrap_or_else(|e| panic!("{method}: {e}"));
+            match reply.body().deserialize::<String>() {
+                Ok(t) => serde_json::from_str(&t).expect("JSON reply"),
+                Err(_) => json!({}),
+            }
+        })
+    }
+
+    /// blockd's QmpEvent signals.
+    fn block_events(&self) -> MessageStream {
+        self.rt.block_on(async {
+            let rule = MatchRule::builder()
+                .msg_type(zbus::message::Type::Signal)
+                .sender(self.block.as_str())
+                .interface(EVENTS_INTERFACE)
+                .member(EVENT_SIGNAL)
+                .build()
+                .expect("rule");
+            MessageStream::for_match_rule(rule, &self.conn, None).await.expect("AddMatch")
+        })
+    }
+
+    /// The next QmpEvent named `want` on `stream`, bounded.
+    fn next_event(&self, stream: &mut MessageStream, want: &str) -> Value {
+        self.rt.block_on(async {
+            let deadline = tokio::time::Instant::now() + REPLY;
+            loop {
+                let next = std::future::poll_fn(|cx| std::pin::Pin::new(&mut *stream).poll_next(cx));
+                let msg = tokio::time::timeout_at(deadline, next).await.unwrap_or_else(|_| panic!("no {want} in time"));
+                let msg = msg.expect("stream open").expect("message");
+                let (event, data, _, _): (String, String, i64, i64) = msg.body().deserialize().expect("(ssxx)");
+                if event == want {
+                    return serde_json::from_str(&data).expect("data JSON");
+                }
+            }
+        })
+    }
+
+    /// Acts as vmm-core: owns its name and emits RESUME (what `cont` does).
+    fn resume_as_vmm_core(&self, instance: &str) {
+        self.rt.block_on(async {
+            self.conn.request_name(fdbus::bus_name(instance, "VmmCore")).await.expect("own the VmmCore name");
+            flotilla_schema::dbus_server::emit_qmp_event(
+                &self.conn,
+                "/org/flotilla/VmmCore",
+                "RESUME",
+                &json!({}),
+                std::time::SystemTime::now(),
+            )
+            .await
+            .expect("emit RESUME");
+        })
+    }
+}
+
+fn dbus_args<'a>(bus: &'a Bus, instance: &'a str) -> [&'a str; 4] {
+    ["--dbus-address", bus.address.as_str(), "--instance", instance]
+}
+
+/// Stats of drive 0 from query-blockstats, as numbers.
+fn stat(c: &Dbus, key: &str) -> u64 {
+    let s = c.call("QueryBlockstats", &());
+    s[0]["stats"][key].as_u64().unwrap_or_else(|| panic!("{key} in {s}"))
+}
+
+#[test]
+fn block_resize_over_dbus_reaches_the_guest_and_stats_count_its_io() {
+    let dir = TempDir::new("blockd-resize");
+    let image = dir.path("disk.raw");
+    std::fs::File::create(&image).unwrap().set_len(8 * MIB).unwrap();
+    let bus = Bus::start(&dir);
+    let blockd =
+        Blockd::start_with(&dir, &format!("file={},format=raw,id=vd0", image.display()), &dbus_args(&bus, "rsz"));
+    let c = Dbus::connect(&bus, "rsz");
+    let mut q = Qemu::boot(&dir, "1", &blockd, 1, 1);
+    assert_eq!(q.ask("SZ", "R=$(cat /sys/block/vda/size)"), (8 * MIB / 512).to_string());
+
+    // query-blockstats moves by what the guest does: 64 KiB written with O_DIRECT-free dd +
+    // fsync (one or more requests), and 64 KiB read after dropping the page cache.
+    let (wb, wo, rb, fl) =
+        (stat(&c, "wr_bytes"), stat(&c, "wr_operations"), stat(&c, "rd_bytes"), stat(&c, "flush_operations"));
+    assert_eq!(q.ask("WR", &write_cmd('S', 4 * MIB)), "0");
+    assert_eq!(stat(&c, "wr_bytes") - wb, LEN as u64, "exactly the guest's 64 KiB were written");
+    assert!(stat(&c, "wr_operations") > wo);
+    assert!(stat(&c, "flush_operations") > fl, "conv=fsync flushes");
+    assert_eq!(stat(&c, "wr_highest_offset"), 4 * MIB + LEN as u64);
+    let s = q.ask("MS", &fill_md5_cmd('S'));
+    assert_eq!(q.ask("RD", &read_md5_cmd(4 * MIB)), s);
+    assert!(stat(&c, "rd_bytes") - rb >= LEN as u64, "the guest's read is counted");
+    let all = c.call("QueryBlockstats", &());
+    assert_eq!(all[0]["device"], "vd0");
+    assert_eq!(all[0]["parent"]["stats"]["wr_highest_offset"], 4 * MIB + LEN as u64, "{all}");
+
+    // Grow: QEMU gets CONFIG_CHANGE_MSG, re-reads the config, Linux sees it at once.
+    c.call("BlockResize", &("vd0", (24 * MIB) as i64));
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 24 * MIB);
+    let want = (24 * MIB / 512).to_string();
+    let deadline = Instant::now() + REPLY;
+    loop {
+        let got = q.ask("SZ", "R=$(cat /sys/block/vda/size)");
+        if got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/sys/block/vda/size is {got}, want {want}");
+    }
+    // The new space is usable.
+    assert_eq!(q.ask("WN", &write_cmd('N', 20 * MIB)), "0");
+    let n = q.ask("MN", &fill_md5_cmd('N'));
+    assert_eq!(q.ask("RN", &read_md5_cmd(20 * MIB)), n);
+    q.poweroff();
+    let log = blockd.stop();
+    assert!(log.contains("resized"), "{log}");
+    let mut got = vec![0u8; LEN];
+    std::fs::File::open(&image).unwrap().read_exact_at(&mut got, 20 * MIB).unwrap();
+    assert!(got.iter().all(|&b| b == b'N'));
+}
+
+#[test]
+fn snapshot_while_the_guest_writes_keeps_every_write() {
+    let dir = TempDir::new("blockd-snap");
+    let image = dir.path("disk.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
+    let bus = Bus::start(&dir);
+    let blockd =
+        Blockd::start_with(&dir, &format!("file={},format=qcow2,id=vd0", image.display()), &dbus_args(&bus, "snap"));
+    let c = Dbus::connect(&bus, "snap");
+    let mut q = Qemu::boot(&dir, "1", &blockd, 1, 1);
+
+    // 40 x 64 KiB of 'W', each fsync'd, in the background; the snapshot lands in the middle.
+    let blocks = 40;
+    let cmd = format!(
+        "head -c {LEN} /dev/zero | tr '\\0' 'W' > /tmp/w; (i=0; while [ $i -lt {blocks} ]; do \
+         dd if=/tmp/w of=/dev/vda bs={LEN} seek=$i count=1 conv=fsync 2>/dev/null || echo WFAIL; \
+         echo \"W\"\"P=$i\"; i=$((i+1)); done; echo \"W\"\"DONE\") &"
+    );
+    q.console.send(&cmd).expect("send");
+    q.console.expect("WP=5", REPLY).unwrap_or_else(|e| q.fail(&format!("the writer did not start: {e}")));
+    let overlay = dir.path("overlay.qcow2");
+    c.call("BlockdevSnapshotSync", &("vd0", overlay.display().to_string(), vec!["qcow2"]));
+    let done = q.console.expect("WDONE", Duration::from_secs(60));
+    if let Err(e) = done {
+        q.fail(&format!("the writer did not finish: {e}"));
+    }
+    assert!(!q.console.history.iter().any(|l| l.starts_with("WFAIL")), "a write failed");
+    let info = c.call("QueryBlock", &());
+    assert_eq!(info[0]["inserted"]["file"], overlay.display().to_string(), "{info}");
+    assert_eq!(info[0]["inserted"]["backing_file"], image.display().to_string(), "{info}");
+    let w = q.ask("MW", &fill_md5_cmd('W'));
+    for i in [0u64, 5, 20, 39] {
+        assert_eq!(q.ask("RW", &read_md5_cmd(i * LEN as u64)), w, "block {i}");
+    }
+    q.poweroff();
+    blockd.stop();
+
+    // What the guest wrote, flat on the host: the overlay (with its backing file) equals it.
+    let expect = dir.path("expect.raw");
+    let mut bytes = vec![0u8; 16 * MIB as usize];
+    bytes[..blocks * LEN].fill(b'W');
+    std::fs::write(&expect, &bytes).unwrap();
+    let check = run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&overlay));
+    assert!(check.contains("No errors were found"), "{check}");
+    let check = run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&image));
+    assert!(check.contains("No errors were found"), "{check}");
+    run(Command::new("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw"]).arg(&overlay).arg(&expect));
+}
+
+#[test]
+fn cache_none_opens_the_image_with_o_direct() {
+    let dir = TempDir::new("blockd-direct");
+    let image = dir.path("disk.raw");
+    std::fs::File::create(&image).unwrap().set_len(16 * MIB).unwrap();
+    let blockd = Blockd::start(&dir, &format!("file={},format=raw,cache=none", image.display()));
+    // One of blockd's descriptors on the image has O_DIRECT (the buffered one is for
+    // unaligned requests only).
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", blockd.reaper.pid())).unwrap();
+    let direct = fds.filter_map(Result::ok).any(|e| {
+        std::fs::read_link(e.path()).is_ok_and(|t| t == image)
+            && std::fs::read_to_string(format!(
+                "/proc/{}/fdinfo/{}",
+                blockd.reaper.pid(),
+                e.file_name().to_string_lossy()
+            ))
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("flags:").map(|v| v.trim().to_string())))
+            .and_then(|v| u32::from_str_radix(&v, 8).ok())
+            .is_some_and(|f| f & libc::O_DIRECT as u32 != 0)
+    });
+    assert!(direct, "no O_DIRECT descriptor on {}", image.display());
+    let mut q = Qemu::boot(&dir, "1", &blockd, 1, 1);
+    assert_eq!(q.ask("WR", &write_cmd('D', 3 * MIB)), "0");
+    let d = q.ask("MD", &fill_md5_cmd('D'));
+    assert_eq!(q.ask("RD", &read_md5_cmd(3 * MIB)), d);
+    q.poweroff();
+    blockd.stop();
+    let mut got = vec![0u8; LEN];
+    std::fs::File::open(&image).unwrap().read_exact_at(&mut got, 3 * MIB).unwrap();
+    assert!(got.iter().all(|&b| b == b'D'));
+}
+
+/// A tmpfs mounted for one test, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("mount point");
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(path));
+        Tmpfs(path.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        run(Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn enospc_holds_the_write_until_resume_and_nothing_is_lost() {
+    let dir = TempDir::new("blockd-enospc");
+    let fs = Tmpfs::mount(&dir.path("small"), "1m");
+    let image = fs.0.join("disk.raw");
+    std::fs::File::create(&image).unwrap().set_len(16 * MIB).unwrap();
+    let bus = Bus::start(&dir);
+    // werror=enospc is the default: ENOSPC stops, anything else would be reported.
+    let blockd =
+        Blockd::start_with(&dir, &format!("file={},format=raw,id=vd0", image.display()), &dbus_args(&bus, "nospc"));
+    let c = Dbus::connect(&bus, "nospc");
+    let mut events = c.block_events();
+    let mut q = Qemu::boot(&dir, "1", &blockd, 1, 1);
+    assert_eq!(c.call("QueryBlock", &())[0]["io-status"], "ok");
+
+    // 2 MiB of 'E' do not fit in 1 MiB: blockd holds the failing write(s).
+    let size = 2 * MIB;
+    let cmd = format!(
+        "head -c {size} /dev/zero | tr '\\0' 'E' > /tmp/e; (dd if=/tmp/e of=/dev/vda bs=65536 conv=fsync 2>/dev/null; \
+         R=$?; echo; echo \"D\"\"D=$R\") &"
+    );
+    q.console.send(&cmd).expect("send");
+    let ev = c.next_event(&mut events, "BLOCK_IO_ERROR");
+    assert_eq!(ev["device"], "vd0", "{ev}");
+    assert_eq!(ev["operation"], "write", "{ev}");
+    assert_eq!(ev["action"], "stop", "{ev}");
+    assert_eq!(ev["nospace"], true, "{ev}");
+    assert_eq!(ev["reason"], "No space left on device", "{ev}");
+    assert_eq!(c.call("QueryBlock", &())[0]["io-status"], "nospace");
+    // The guest's dd does not complete while the write is held.
+    assert!(q.console.expect("DD=", Duration::from_secs(2)).is_err(), "the held write completed");
+
+    // Space is freed; vmm-core's RESUME (the test stands in for it) retries the held writes.
+    fs.resize("64m");
+    c.resume_as_vmm_core("nospc");
+    let dd = q.console.expect("DD=", REPLY).unwrap_or_else(|e| q.fail(&format!("the held write never completed: {e}")));
+    assert_eq!(dd, "DD=0", "the guest saw an error");
+    assert_eq!(c.call("QueryBlock", &())[0]["io-status"], "ok");
+    q.poweroff();
+    let log = blockd.stop();
+    assert!(log.contains("retrying held requests"), "{log}");
+    let bytes = std::fs::read(&image).unwrap();
+    assert!(bytes[..size as usize].iter().all(|&b| b == b'E'), "a write was lost");
+    assert!(bytes[size as usize..].iter().all(|&b| b == 0));
 }
