@@ -391,6 +391,15 @@ pub mod config_backend {
             let c = self.config.lock().expect("config");
             (offset..offset + size).map(|i| c.get(i as usize).copied().unwrap_or(0)).collect()
         }
+        fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+            let mut c = self.config.lock().expect("config");
+            for (i, b) in buf.iter().enumerate() {
+                if let Some(x) = c.get_mut(offset as usize + i) {
+                    *x = *b;
+                }
+            }
+            Ok(())
+        }
         fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
             Ok(())
         }

@@ -306,6 +306,40 @@ fn config_change_msg_bumps_the_generation_and_signals_the_config_vector() {
     assert!(!d.pending(0), "not the queue's vector");
     assert_eq!(d.read(d.r.isr, 1), 2, "ISR: configuration change");
     assert_eq!(d.read(d.r.isr, 1), 0, "ISR clears on read");
+
+    // A driver write to the device config (the balloon's `actual` at offset 4) reaches the
+    // backend with SET_CONFIG.
+    d.write(d.r.device + 4, 0x1234, 4);
+    assert_eq!(d.config_read(4, 4), 0x1234, "the cache has it at once");
+    wait_until("SET_CONFIG", || backend.config.lock().expect("config")[4..6] == [0x34, 0x12]);
+}
+
+#[test]
+fn dropping_the_machine_ends_the_frontend_thread() {
+    let dir = TempDir::new("virtio-drop");
+    let sock = dir.path("absent.sock");
+    let threads = || -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.trim_end() == "vhost-user-drop")
+            .count()
+    };
+    let mut cfg = MachineConfig { serial: None, start_paused: true, ..guest_config(&dir, 1, 64) };
+    cfg.vhost_user_devices = vec![VhostUserDevice {
+        id: "drop0".into(),
+        kind: VirtioKind::Block,
+        socket: sock,
+        num_queues: 2,
+        queue_size: 64,
+        pci_slot: None,
+    }];
+    let vm = Vm::new(cfg).expect("machine");
+    assert_eq!(threads(), 1, "the frontend's thread runs (and retries) without a backend");
+    let f = vm.pci().into_iter().find(|f| f.qdev_id == "drop0").expect("function in the first free slot");
+    assert_eq!(f.slot, 1);
+    drop(vm);
+    wait_until("the thread to end", || threads() == 0);
 }
 
 #[test]

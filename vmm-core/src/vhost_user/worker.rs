@@ -58,6 +58,9 @@ struct Desired {
     queues: Option<Vec<QueueConfig>>,
     /// The rings were started by the driver and no backend has had them yet: they begin at 0.
     fresh: bool,
+    /// Device-config bytes the driver wrote (by offset), sent again to a new backend (e.g. the
+    /// balloon's `actual`, which a restarted balloond would not know).
+    config_writes: std::collections::BTreeMap<u32, Vec<u8>>,
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(50);
@@ -168,6 +171,13 @@ impl Worker {
                 }
                 Err(e) => tracing::warn!(id = %self.spec.id, error = %e, "GET_CONFIG; keeping the cached config"),
             }
+            for (offset, data) in &self.desired.config_writes {
+                s.set_config(*offset, data)?;
+                let mut cfg = crate::devices::bus::lock(&self.signals.config);
+                if let Some(b) = cfg.get_mut(*offset as usize..*offset as usize + data.len()) {
+                    b.copy_from_slice(data);
+                }
+            }
         }
         if let Some(f) = self.desired.features {
             if f & !offer != 0 {
@@ -196,12 +206,16 @@ impl Worker {
     /// Applies one driver request to `Desired` and, when connected, to the backend.
     fn apply(&mut self, c: Command) {
         let result = match c {
-            Command::WriteConfig { offset, data } => match &mut self.link {
-                Link::Up(s) if s.has(vhost::vhost_user::VhostUserProtocolFeatures::CONFIG) => {
-                    s.set_config(offset, &data)
-                }
-                _ => Ok(()),
-            },
+            Command::WriteConfig { offset, data } => {
+                let r = match &mut self.link {
+                    Link::Up(s) if s.has(vhost::vhost_user::VhostUserProtocolFeatures::CONFIG) => {
+                        s.set_config(offset, &data)
+                    }
+                    _ => Ok(()),
+                };
+                self.desired.config_writes.insert(offset, data);
+                r
+            }
             Command::FeaturesOk(f) => {
                 self.desired.features = Some(f);
                 match &mut self.link {
