@@ -114,6 +114,8 @@ impl Session {
         if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
             let mut h = FrontendReqHandler::new(config_flag.clone()).map_err(SessionError::BackendReq)?;
             h.set_reply_ack_flag(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+            // A backend that sends half a message must not stall the worker either.
+            set_receive_timeout(h.as_raw_fd(), REQUEST_TIMEOUT).map_err(connect_err)?;
             let tx: RawFd = h.get_tx_raw_fd();
             req("SET_BACKEND_REQ_FD", fe.set_backend_request_fd(&tx))?;
             backend_req = Some(h);
@@ -245,5 +247,26 @@ impl Session {
 
     pub fn backend_req_fd(&self) -> Option<RawFd> {
         self.backend_req.as_ref().map(|h| h.as_raw_fd())
+    }
+}
+
+/// SO_RCVTIMEO on a socket this process owns.
+fn set_receive_timeout(fd: RawFd, t: Duration) -> std::io::Result<()> {
+    let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
+    // SAFETY: `fd` is a live socket owned by the caller; the option value is a timeval on the
+    // stack whose size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
