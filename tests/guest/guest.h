@@ -95,6 +95,8 @@ int strcmp(const char *a, const char *b);
 /* Parse an unsigned number (base 16 accepts an optional 0x); returns 0 on success. */
 int parse_u64(const char *s, int base, u64 *out);
 NORETURN void halt_forever(void);
+/* CRC-32 (IEEE 802.3, as zlib's crc32()): crc32_update(0, ...) starts one. */
+u32 crc32_update(u32 crc, const void *data, size_t n);
 
 /* serial.c: COM1 console */
 void serial_init(void);
@@ -140,6 +142,8 @@ void mem_report(void);
 int virt_to_phys(u64 vaddr, u64 *paddr);
 /* Marks [paddr, paddr + size) below 4 GiB uncached in both mappings. */
 void map_uncached(u64 paddr, u64 size);
+/* Identity-maps an MMIO range uncached, above 4 GiB too (up to 128 TiB); 0 on success. */
+int map_mmio(u64 paddr, u64 size);
 
 /* idt.c */
 void idt_init(void);
@@ -147,9 +151,12 @@ void idt_load(void);
 void nmi_report(void);
 void vectors_report(void);
 extern volatile u64 nmi_counts[256];
+/* Interrupts taken so far on test vector v (0x40..0x4f), all CPUs together. */
+u64 vector_total(u8 v);
 #define VEC_PIC_BASE 0x20       /* the masked 8259s, remapped out of the exception range */
 #define VEC_UART 0x30
 #define VEC_SCI 0x31
+#define VEC_TIMER 0x32          /* LAPIC timer: only a wake-up for the command loop */
 #define VEC_TEST_BASE 0x40      /* 0x40..0x4f: counted per CPU and EOIed (the `vectors` command) */
 #define VEC_TEST_COUNT 16
 #define VEC_SPURIOUS 0xff
@@ -161,6 +168,8 @@ void lapic_init(void);      /* this CPU's LAPIC: software enable, LINT NMI, othe
 u32 lapic_id(void);
 void lapic_eoi(void);
 int lapic_send_ipi(u32 apic_id, u32 icr_low);
+/* Periodic LAPIC timer on VEC_TIMER, about every `ms` milliseconds (a wake-up, not a clock). */
+void lapic_timer_periodic(u32 ms);
 void ioapic_init(void);
 /* Routes an ISA IRQ (applying MADT overrides) to vector on the BSP. */
 int ioapic_route_isa(u32 isa_irq, u8 vector, int default_level, int default_active_low);

@@ -148,3 +148,13 @@ void isr_dispatch(struct isr_frame *f)
         lapic_eoi();
     }
 }
+
+u64 vector_total(u8 v)
+{
+    if (v < VEC_TEST_BASE || v >= VEC_TEST_BASE + VEC_TEST_COUNT)
+        return 0;
+    u64 total = 0;
+    for (int c = 0; c < 256; c++)
+        total += __atomic_load_n(&vec_counts[c][v - VEC_TEST_BASE], __ATOMIC_RELAXED);
+    return total;
+}

@@ -90,3 +90,15 @@ void halt_forever(void)
     for (;;)
         cli_hlt();      /* NMIs still wake it, get counted, and return here */
 }
+
+u32 crc32_update(u32 crc, const void *data, size_t n)
+{
+    const u8 *p = data;
+    crc = ~crc;
+    while (n--) {
+        crc ^= *p++;
+        for (int k = 0; k < 8; k++)
+            crc = (crc >> 1) ^ (0xedb88320u & -(crc & 1));
+    }
+    return ~crc;
+}

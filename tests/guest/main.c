@@ -3,6 +3,7 @@
  */
 #include "guest.h"
 #include "pci.h"
+#include "virtio.h"
 
 #define BOOT_MARKER_PORT 0x80
 #define TICK_US 100000
@@ -32,6 +33,14 @@ static int next_line(void)
         if (power_button_pending) {
             sti();
             handle_power_button();
+            continue;
+        }
+        /* Device events (config changes, returned stats buffers) are handled here, in the
+         * loop, not in the ISR: the MSI only counts and wakes the hlt. */
+        if (blk_pending() || balloon_pending()) {
+            sti();
+            blk_poll();
+            balloon_poll();
             continue;
         }
         sti_hlt();
@@ -176,6 +185,10 @@ static void run_command(char *l)
         tsc_report();
     } else if (!strcmp(c, "cmdline")) {
         kprintf("CMDLINE %s\n", bootinfo.cmdline);
+    } else if (!strcmp(c, "virtio")) {
+        virtio_report();
+    } else if (blk_command(argc, argv, orig) || balloon_command(argc, argv, orig)) {
+        /* handled */
     } else if (!strcmp(c, "ud2")) {
         kprintf("UD2\n");
         __asm__ volatile("ud2");

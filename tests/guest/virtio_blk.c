@@ -1,0 +1,531 @@
+/*
+ * virtio-blk driver (virtio 1.2 section 5.2) for the `blk*` commands of PROTOCOL.md: one
+ * request queue (queue 0), requests polled to completion with a deadline, config changes
+ * (capacity) followed through the config MSI-X vector, and deliberately malformed chains
+ * (`blkbad`) whose answer the guest survives whatever it is.
+ */
+#include "virtio.h"
+
+#define VIRTIO_BLK_F_SIZE_MAX 1
+#define VIRTIO_BLK_F_SEG_MAX 2
+#define VIRTIO_BLK_F_RO 5
+#define VIRTIO_BLK_F_BLK_SIZE 6
+#define VIRTIO_BLK_F_FLUSH 9
+#define VIRTIO_BLK_F_MQ 12
+#define VIRTIO_BLK_F_DISCARD 13
+#define VIRTIO_BLK_F_WRITE_ZEROES 14
+
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_T_OUT 1
+#define VIRTIO_BLK_T_FLUSH 4
+#define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_T_DISCARD 11
+#define VIRTIO_BLK_T_WRITE_ZEROES 13
+#define VIRTIO_BLK_ID_BYTES 20
+
+/* Device config offsets */
+#define CFG_CAPACITY 0
+#define CFG_SIZE_MAX 8
+#define CFG_SEG_MAX 12
+#define CFG_BLK_SIZE 20
+#define CFG_NUM_QUEUES 34
+
+#define BLK_CONFIG_VECTOR 0x40
+#define BLK_QUEUE_VECTOR 0x41
+#define REQ_TIMEOUT_US 10000000ull      /* one request: generous for TCG and a busy host */
+#define BAD_TIMEOUT_US 2000000ull       /* a malformed chain may never come back */
+#define CHUNK_BYTES 65536u              /* largest data transfer of one request */
+#define QD_MAX 32
+#define QD_CHUNK_SECTORS 8
+#define STATUS_UNSET 0xff               /* status byte before the device writes it */
+#define BAD_SECTOR 1                    /* where `blkbad` requests point */
+
+struct blk_hdr {
+    u32 type;
+    u32 reserved;
+    u64 sector;
+};
+
+struct blk_dwz {        /* discard / write zeroes segment */
+    u64 sector;
+    u32 num_sectors;
+    u32 flags;
+};
+
+/* One request's header and status, and its chain head while in flight. */
+struct slot {
+    struct blk_hdr hdr;
+    struct blk_dwz dwz;
+    volatile u8 status;
+    int head;
+    u64 sector;
+    u32 count;
+};
+
+static struct virtio_dev vd;
+static struct virtq q;
+static int inited;
+static u64 capacity, printed_capacity, seen_config_irqs;
+static u8 seen_generation;
+static u32 blk_size, seg_bytes, max_segs, num_queues;
+static struct slot slots[QD_MAX + 1];
+static u8 data_buf[CHUNK_BYTES] __attribute__((aligned(4096)));
+static u8 qd_buf[QD_MAX][QD_CHUNK_SECTORS * 512] __attribute__((aligned(4096)));
+static u8 bad_buf[4096] __attribute__((aligned(4096)));
+static char id_buf[VIRTIO_BLK_ID_BYTES + 1];
+
+/* Capacity, read consistently: config_generation unchanged around the two halves (4.1.4.3). */
+static u64 read_capacity(void)
+{
+    u64 cap = 0;
+    for (int tries = 0; tries < 100; tries++) {
+        u8 g = virtio_generation(&vd);
+        cap = virtio_cfg64(&vd, CFG_CAPACITY);
+        if (virtio_generation(&vd) == g) {
+            seen_generation = g;
+            break;
+        }
+    }
+    return cap;
+}
+
+static int blk_init(void)
+{
+    struct pci_dev p;
+    if (virtio_find(VIRTIO_ID_BLOCK, &p)) {
+        kprintf("ERR blk no-device\n");
+        return -1;
+    }
+    u64 want = 1ull << VIRTIO_BLK_F_SIZE_MAX | 1ull << VIRTIO_BLK_F_SEG_MAX | 1ull << VIRTIO_BLK_F_RO |
+               1ull << VIRTIO_BLK_F_BLK_SIZE | 1ull << VIRTIO_BLK_F_FLUSH | 1ull << VIRTIO_BLK_F_MQ |
+               1ull << VIRTIO_BLK_F_DISCARD | 1ull << VIRTIO_BLK_F_WRITE_ZEROES;
+    inited = 0;
+    if (virtio_init(&vd, &p, want, BLK_CONFIG_VECTOR, "blk"))
+        return -1;
+    if (virtq_init(&vd, &q, 0, BLK_QUEUE_VECTOR, "blk"))
+        return -1;
+    virtio_driver_ok(&vd);
+    blk_size = virtio_has(&vd, VIRTIO_BLK_F_BLK_SIZE) ? virtio_cfg32(&vd, CFG_BLK_SIZE) : 512;
+    num_queues = virtio_has(&vd, VIRTIO_BLK_F_MQ) ? virtio_cfg16(&vd, CFG_NUM_QUEUES) : 1;
+    /* Data segments: at most size_max bytes each and seg_max of them (5.2.6.1), and within
+     * CHUNK_BYTES; a device giving 0 for either is taken as not limiting. */
+    seg_bytes = CHUNK_BYTES;
+    if (virtio_has(&vd, VIRTIO_BLK_F_SIZE_MAX)) {
+        u32 sm = virtio_cfg32(&vd, CFG_SIZE_MAX) & ~511u;
+        if (sm && sm < seg_bytes)
+            seg_bytes = sm;
+    }
+    max_segs = VIRTQ_MAX_CHAIN - 2;
+    if (virtio_has(&vd, VIRTIO_BLK_F_SEG_MAX)) {
+        u32 sm = virtio_cfg32(&vd, CFG_SEG_MAX);
+        if (sm && sm < max_segs)
+            max_segs = sm;
+    }
+    capacity = printed_capacity = read_capacity();
+    seen_config_irqs = vector_total(BLK_CONFIG_VECTOR);
+    inited = 1;
+    return 0;
+}
+
+/* Initialises on first use, and again after the device asked for a reset (NEEDS_RESET, e.g.
+ * QEMU after a malformed chain) or lost DRIVER_OK. */
+static int blk_ensure(void)
+{
+    if (inited) {
+        u8 st = virtio_status(&vd);
+        if (!(st & (VIRTIO_STATUS_NEEDS_RESET | VIRTIO_STATUS_FAILED)) && (st & VIRTIO_STATUS_DRIVER_OK))
+            return 0;
+        kprintf("WARN blk device status=0x%x: resetting it\n", st);
+    }
+    return blk_init();
+}
+
+static u32 bytes_per_request(void)
+{
+    u64 b = (u64)seg_bytes * max_segs;
+    if (b > CHUNK_BYTES)
+        b = CHUNK_BYTES;
+    return (u32)b & ~511u;
+}
+
+/* Submits header + data (split in seg_bytes pieces) + status; returns the head or -1. */
+static int submit(struct slot *s, u32 type, u64 sector, u8 *data, u32 len, int device_writes)
+{
+    struct vbuf b[VIRTQ_MAX_CHAIN];
+    int n = 0;
+    s->hdr.type = type;
+    s->hdr.reserved = 0;
+    s->hdr.sector = sector;
+    s->status = STATUS_UNSET;
+    b[n++] = (struct vbuf){(u64)&s->hdr, sizeof(s->hdr), 0};
+    for (u32 off = 0; off < len && n < VIRTQ_MAX_CHAIN - 1;) {
+        u32 piece = len - off < seg_bytes ? len - off : seg_bytes;
+        b[n++] = (struct vbuf){(u64)data + off, piece, device_writes};
+        off += piece;
+    }
+    b[n++] = (struct vbuf){(u64)&s->status, 1, 1};
+    s->head = virtq_add(&q, b, n);
+    return s->head;
+}
+
+/* Runs one request to completion; returns its status, or -1 after printing ERR timeout. */
+static int run_one(u32 type, u64 sector, u8 *data, u32 len, int device_writes, const char *what)
+{
+    struct slot *s = &slots[0];
+    if (submit(s, type, sector, data, len, device_writes) < 0) {
+        kprintf("ERR blk %s no-descriptors\n", what);
+        return -1;
+    }
+    virtq_kick(&q);
+    if (virtq_wait(&q, s->head, REQ_TIMEOUT_US, 0)) {
+        kprintf("ERR timeout blk %s sector=%lu\n", what, sector);
+        return -1;
+    }
+    return s->status;
+}
+
+static void fill_sector(u8 *buf, u64 sector, u32 pattern)
+{
+    u32 *w = (u32 *)buf;
+    for (int i = 0; i < 128; i++)
+        w[i] = pattern ^ (u32)sector;
+}
+
+/* Returns the index of the first sector in buf[0..n) that differs from the pattern, or -1. */
+static i64 check_sectors(const u8 *buf, u64 sector, u32 n, u32 pattern)
+{
+    for (u32 s = 0; s < n; s++) {
+        const u32 *w = (const u32 *)(buf + 512ull * s);
+        for (int i = 0; i < 128; i++)
+            if (w[i] != (pattern ^ (u32)(sector + s)))
+                return s;
+    }
+    return -1;
+}
+
+static int parse_range(char **argv, u64 *sector, u64 *count)
+{
+    if (parse_u64(argv[1], 10, sector) || parse_u64(argv[2], 10, count) || *sector + *count < *sector ||
+        *count > (1ull << 32))
+        return -1;
+    return 0;
+}
+
+/* blkwrite / blkcheck / blkread */
+static void cmd_rw(int op, int argc, char **argv, const char *orig)
+{
+    u64 sector, count, pattern = 0;
+    int need = op == 2 ? 3 : 4;
+    if (argc != need || parse_range(argv, &sector, &count) ||
+        (op != 2 && (parse_u64(argv[3], 16, &pattern) || pattern > 0xffffffffull))) {
+        kprintf("ERR usage %s\n", orig);
+        return;
+    }
+    static const char *names[] = {"BLKWROTE", "BLKCHECK", "BLKREAD"};
+    u32 per = bytes_per_request() / 512;
+    int status = 0;
+    u32 crc = 0;
+    i64 bad = -1;
+    for (u64 done = 0; done < count;) {
+        u32 n = count - done < per ? (u32)(count - done) : per;
+        u64 s = sector + done;
+        int st;
+        if (op == 0) {
+            for (u32 i = 0; i < n; i++)
+                fill_sector(data_buf + 512ull * i, s + i, (u32)pattern);
+            st = run_one(VIRTIO_BLK_T_OUT, s, data_buf, n * 512, 0, "write");
+        } else {
+            memset(data_buf, 0, n * 512);
+            st = run_one(VIRTIO_BLK_T_IN, s, data_buf, n * 512, 1, "read");
+        }
+        if (st < 0)
+            return;
+        if (st && !status)
+            status = st;
+        if (op == 1 && !st && bad < 0) {
+            i64 b = check_sectors(data_buf, s, n, (u32)pattern);
+            if (b >= 0)
+                bad = (i64)(s + b);
+        }
+        if (op == 2)
+            crc = crc32_update(crc, data_buf, n * 512);
+        done += n;
+    }
+    kprintf("%s %lu %lu status=%d", names[op], sector, count, status);
+    if (op == 1) {
+        if (bad >= 0 || status)
+            kprintf(" bad sector=%ld\n", bad >= 0 ? bad : (i64)sector);
+        else
+            kprintf(" ok\n");
+    } else if (op == 2) {
+        kprintf(" crc=0x%08x\n", crc);
+    } else {
+        kprintf("\n");
+    }
+}
+
+static void cmd_dwz(int zeroes, int argc, char **argv, const char *orig)
+{
+    u64 sector, count;
+    if (argc != 3 || parse_range(argv, &sector, &count) || count > 0xffffffffull) {
+        kprintf("ERR usage %s\n", orig);
+        return;
+    }
+    struct slot *s = &slots[0];
+    s->dwz.sector = sector;
+    s->dwz.num_sectors = (u32)count;
+    s->dwz.flags = 0;
+    int st = run_one(zeroes ? VIRTIO_BLK_T_WRITE_ZEROES : VIRTIO_BLK_T_DISCARD, 0, (u8 *)&s->dwz,
+                     sizeof(s->dwz), 0, zeroes ? "write-zeroes" : "discard");
+    if (st >= 0)
+        kprintf("%s %lu %lu status=%d\n", zeroes ? "BLKZEROES" : "BLKDISCARD", sector, count, st);
+}
+
+static void cmd_id(void)
+{
+    memset(id_buf, 0, sizeof(id_buf));
+    int st = run_one(VIRTIO_BLK_T_GET_ID, 0, (u8 *)id_buf, VIRTIO_BLK_ID_BYTES, 1, "get-id");
+    if (st < 0)
+        return;
+    /* At most 20 bytes, NUL-terminated only when shorter (5.2.6); printable ASCII only. */
+    for (int i = 0; i < VIRTIO_BLK_ID_BYTES && id_buf[i]; i++)
+        if (id_buf[i] <= ' ' || id_buf[i] > '~')
+            id_buf[i] = '?';
+    kprintf("BLKID status=%d id=%s\n", st, id_buf);
+}
+
+/* blkqd: `depth` chains in flight (several added before each kick), writes then reads. */
+static void cmd_qd(int argc, char **argv, const char *orig)
+{
+    u64 depth, sector, count, pattern = 0x51de0000;
+    if ((argc != 4 && argc != 5) || parse_u64(argv[1], 10, &depth) || depth == 0 || depth > QD_MAX ||
+        parse_range(argv + 1, &sector, &count) ||
+        (argc == 5 && (parse_u64(argv[4], 16, &pattern) || pattern > 0xffffffffull))) {
+        kprintf("ERR usage %s\n", orig);
+        return;
+    }
+    /* Three descriptors per request: the queue must hold `depth` of them. */
+    if (depth * 3 > q.size)
+        depth = q.size / 3;
+    int status = 0, bad = 0;
+    for (int phase = 0; phase < 2; phase++) {
+        int writing = phase == 0;
+        u64 next = sector, end = sector + count;
+        u32 inflight = 0;
+        int used[QD_MAX] = {0};
+        while (next < end || inflight) {
+            int added = 0;
+            for (u32 i = 0; i < depth && next < end; i++) {
+                if (used[i])
+                    continue;
+                struct slot *s = &slots[i];
+                u32 n = end - next < QD_CHUNK_SECTORS ? (u32)(end - next) : QD_CHUNK_SECTORS;
+                s->sector = next;
+                s->count = n;
+                if (writing)
+                    for (u32 k = 0; k < n; k++)
+                        fill_sector(qd_buf[i] + 512 * k, next + k, (u32)pattern);
+                else
+                    memset(qd_buf[i], 0, n * 512);
+                if (submit(s, writing ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, next, qd_buf[i], n * 512,
+                           !writing) < 0) {
+                    kprintf("ERR blk qd no-descriptors\n");
+                    return;
+                }
+                used[i] = 1;
+                inflight++;
+                added++;
+                next += n;
+            }
+            if (added)
+                virtq_kick(&q);
+            /* Wait for any one of them. */
+            u64 deadline = tsc_deadline_us(REQ_TIMEOUT_US);
+            int progressed = 0;
+            while (!progressed) {
+                virtq_reap(&q);
+                for (u32 i = 0; i < depth; i++) {
+                    if (!used[i] || !q.done[slots[i].head])
+                        continue;
+                    struct slot *s = &slots[i];
+                    if (s->status && !status)
+                        status = s->status;
+                    if (!writing && !s->status && check_sectors(qd_buf[i], s->sector, s->count, (u32)pattern) >= 0)
+                        bad = 1;
+                    q.done[s->head] = 0;
+                    used[i] = 0;
+                    inflight--;
+                    progressed = 1;
+                }
+                if (!progressed && tsc_passed(deadline)) {
+                    kprintf("ERR timeout blk qd inflight=%u\n", inflight);
+                    return;
+                }
+                if (!progressed)
+                    pause();
+            }
+        }
+    }
+    kprintf("BLKQD depth=%lu status=%d %s\n", depth, status, (bad || status) ? "bad" : "ok");
+}
+
+static void cmd_cap(void)
+{
+    capacity = read_capacity();
+    kprintf("BLKCAP capacity=%lu config_irqs=%lu generation=%u\n", capacity, vector_total(BLK_CONFIG_VECTOR),
+            seen_generation);
+}
+
+/*
+ * blkbad: one malformed chain (see PROTOCOL.md). Descriptors of a chain that never comes back
+ * stay out of the free list (the device may still own them); a chain that does come back is
+ * freed from the guest's own record of it.
+ */
+static void cmd_bad(int argc, char **argv, const char *orig)
+{
+    static const char *kinds[] = {"oob", "huge", "loop", "badnext", "dir", "nostatus", "short"};
+    int kind = -1;
+    for (u32 i = 0; argc == 2 && i < ARRAY_SIZE(kinds); i++)
+        if (!strcmp(argv[1], kinds[i]))
+            kind = i;
+    if (kind < 0) {
+        kprintf("ERR usage %s\n", orig);
+        return;
+    }
+    struct slot *s = &slots[QD_MAX];
+    s->hdr.type = VIRTIO_BLK_T_IN;
+    s->hdr.reserved = 0;
+    s->hdr.sector = BAD_SECTOR;
+    s->status = STATUS_UNSET;
+    u16 ids[3];
+    int n = 3;
+    if (kind == 5)
+        n = 2;
+    if (virtq_alloc(&q, n, ids)) {
+        kprintf("ERR blk bad no-descriptors\n");
+        return;
+    }
+    volatile struct vring_desc *d = q.desc;
+    /* Default: IN request, header (R) -> 512-byte data (W) -> status (W). */
+    d[ids[0]] = (struct vring_desc){(u64)&s->hdr, sizeof(s->hdr), VRING_DESC_F_NEXT, ids[1]};
+    d[ids[1]] = (struct vring_desc){(u64)bad_buf, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, n > 2 ? ids[2] : 0};
+    if (n > 2)
+        d[ids[2]] = (struct vring_desc){(u64)&s->status, 1, VRING_DESC_F_WRITE, 0};
+    switch (kind) {
+    case 0:     /* oob: the data buffer is neither RAM nor a BAR */
+        d[ids[1]].addr = unbacked_address();
+        break;
+    case 1:     /* huge: a 4 GiB - 1 data buffer, device-readable (OUT) so nothing is written */
+        s->hdr.type = VIRTIO_BLK_T_OUT;
+        d[ids[1]].len = 0xffffffffu;
+        d[ids[1]].flags = VRING_DESC_F_NEXT;
+        break;
+    case 2:     /* loop: the status descriptor chains back to the header */
+        d[ids[2]].flags = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT;
+        d[ids[2]].next = ids[0];
+        break;
+    case 3:     /* badnext: the status descriptor's next is out of the table */
+        d[ids[2]].flags = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT;
+        d[ids[2]].next = q.size;
+        break;
+    case 4:     /* dir: IN whose data buffer the device may only read */
+        d[ids[1]].flags = VRING_DESC_F_NEXT;
+        break;
+    case 5:     /* nostatus: OUT, header -> data, nothing device-writable */
+        s->hdr.type = VIRTIO_BLK_T_OUT;
+        d[ids[1]].flags = 0;
+        d[ids[1]].next = 0;
+        break;
+    case 6:     /* short: an 8-byte header */
+        d[ids[0]].len = 8;
+        break;
+    }
+    struct blk_hdr before = s->hdr;
+    virtq_publish(&q, ids, n);
+    virtq_kick(&q);
+    u32 len = 0;
+    int used = virtq_wait(&q, ids[0], BAD_TIMEOUT_US, &len) == 0;
+    /* A device must never write a device-readable buffer: say so if it did (the header). */
+    if (memcmp(&before, &s->hdr, sizeof(before)))
+        kprintf("WARN blkbad %s: the device wrote into the device-readable header\n", kinds[kind]);
+    kprintf("BLKBAD %s used=%s status=", kinds[kind], used ? "yes" : "no");
+    if (used && kind != 5 && s->status != STATUS_UNSET)
+        kprintf("%u", s->status);
+    else
+        kprintf("none");
+    kprintf(" len=%u\n", used ? len : 0);
+}
+
+int blk_command(int argc, char **argv, const char *orig)
+{
+    const char *c = argv[0];
+    if (c[0] != 'b' || c[1] != 'l' || c[2] != 'k')
+        return 0;
+    static const char *known[] = {"blk", "blkwrite", "blkcheck", "blkread", "blkflush", "blkid",
+                                  "blkdiscard", "blkzeroes", "blkqd", "blkcap", "blkbad"};
+    int k = -1;
+    for (u32 i = 0; i < ARRAY_SIZE(known); i++)
+        if (!strcmp(c, known[i]))
+            k = i;
+    if (k < 0)
+        return 0;
+    if (blk_ensure())
+        return 1;
+    switch (k) {
+    case 0:
+        kprintf("BLK %02x:%02x.%u capacity=%lu ro=%d queues=%u features=0x%lx blk_size=%u\n", vd.pci.bus,
+                vd.pci.dev, vd.pci.fn, read_capacity(), virtio_has(&vd, VIRTIO_BLK_F_RO), num_queues, vd.features,
+                blk_size);
+        break;
+    case 1:
+    case 2:
+    case 3:
+        cmd_rw(k - 1, argc, argv, orig);
+        break;
+    case 4: {
+        int st = run_one(VIRTIO_BLK_T_FLUSH, 0, 0, 0, 0, "flush");
+        if (st >= 0)
+            kprintf("BLKFLUSH status=%d\n", st);
+        break;
+    }
+    case 5:
+        cmd_id();
+        break;
+    case 6:
+    case 7:
+        cmd_dwz(k == 7, argc, argv, orig);
+        break;
+    case 8:
+        cmd_qd(argc, argv, orig);
+        break;
+    case 9:
+        cmd_cap();
+        break;
+    case 10:
+        cmd_bad(argc, argv, orig);
+        break;
+    }
+    return 1;
+}
+
+/* A config change to look at: a config interrupt (MSI-X), or a new generation (no MSI-X). */
+int blk_pending(void)
+{
+    if (!inited || !vd.ready)
+        return 0;
+    if (vd.config_vector)
+        return vector_total(BLK_CONFIG_VECTOR) != seen_config_irqs;
+    return virtio_generation(&vd) != seen_generation;
+}
+
+void blk_poll(void)
+{
+    if (!blk_pending())
+        return;
+    seen_config_irqs = vector_total(BLK_CONFIG_VECTOR);
+    capacity = read_capacity();
+    if (capacity != printed_capacity) {
+        printed_capacity = capacity;
+        kprintf("BLKCONFIG capacity=%lu\n", capacity);
+    }
+}
