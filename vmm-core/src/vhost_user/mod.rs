@@ -29,8 +29,12 @@
 //! backend took but never completed are run again: safe for block (rewrites of the same data)
 //! and balloon; not exact if the dead backend completed requests out of order (then a request
 //! may complete twice or not at all; inflight-fd support is where that gets fixed, see
-//! [`session::Session::start_queues`]). A new backend that lacks a feature the driver
-//! negotiated sets DEVICE_NEEDS_RESET.
+//! [`session::Session::start_queues`]). Seen with blockd, whose I/O pool does complete out of
+//! order: 20 writes in one kick, blockd killed after the first completion; in 1 of 4 runs one
+//! request never completed and another completed twice (QEMU without inflight has the same
+//! limit). One request in flight at the time of the crash is always replayed exactly. A new
+//! backend that lacks a feature the driver negotiated sets DEVICE_NEEDS_RESET. Device-config
+//! writes by the driver are replayed to a new backend after its GET_CONFIG.
 
 pub mod backend_req;
 pub mod session;
