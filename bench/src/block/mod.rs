@@ -500,6 +500,8 @@ fn run(o: &Options, command: Vec<String>) -> Result<(Value, String, bool), Block
         qsd_aio,
         device_info: serde_json::Map::new(),
     };
+    // Before the runs: the sources and binaries as they are when measured.
+    let host = host_info(o, &tools, blockd_direct, qsd_aio);
     let mut results = Results::default();
     let mut failed = false;
     for round in 0..o.rounds {
@@ -531,7 +533,7 @@ fn run(o: &Options, command: Vec<String>) -> Result<(Value, String, bool), Block
     let sides: Vec<&'static str> = o.sides.iter().map(|s| s.key()).collect();
     let mut json = report::to_json(&o.workloads, &sides, &results);
     json["command"] = json!(command);
-    json["host"] = host_info(o, &tools, blockd_direct, qsd_aio);
+    json["host"] = host;
     json["host"]["image_fs_magic"] = json!(format!("{fstype:#x}"));
     json["devices"] = Value::Object(ctx.device_info.clone());
     json["settings"] = json!({
