@@ -105,6 +105,11 @@ pub trait Disk: Send + Sync {
     fn file_len(&self) -> u64 {
         0
     }
+    /// For io_uring: the descriptor the disk's bytes are read and written at, and the
+    /// alignment (offset, length, buffer) requests need on it. None: not a plain file.
+    fn uring_fd(&self) -> Option<(std::os::unix::io::RawFd, usize)> {
+        None
+    }
 }
 
 /// How an image file is opened (from `-drive cache=`).
@@ -146,6 +151,16 @@ impl AlignedBuf {
             return Err(io::Error::from(io::ErrorKind::OutOfMemory));
         }
         Ok(AlignedBuf { ptr, layout })
+    }
+
+    /// The start of the buffer (for the kernel to read or write through io_uring).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Its size in bytes.
+    pub fn capacity(&self) -> usize {
+        self.layout.size()
     }
 
     pub fn as_mut_slice(&mut self, len: usize) -> &mut [u8] {
@@ -302,7 +317,14 @@ impl Disk for RawDisk {
     fn file_len(&self) -> u64 {
         self.file.metadata().map(|m| m.len()).unwrap_or(0)
     }
+    fn uring_fd(&self) -> Option<(std::os::unix::io::RawFd, usize)> {
+        let align = self.direct.as_ref().map(|(_, a)| *a).unwrap_or(SECTOR_ALIGN);
+        Some((self.file.as_raw_fd(), align))
+    }
 }
+
+/// Request alignment on a buffered descriptor (virtio-blk sectors).
+const SECTOR_ALIGN: usize = 512;
 
 /// Zeroes a range by writing zero-filled buffers (the fallback when the file system has no
 /// fallocate mode for it).

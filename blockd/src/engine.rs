@@ -10,13 +10,22 @@ use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemoryLoadGuard, GuestMemoryMmap};
 
-use crate::disk::{self, Format, OpenFlags};
+use std::sync::Condvar;
+use std::time::Instant;
+
+use vm_memory::Bytes;
+
+use crate::disk::{self, AlignedBuf, Format, OpenFlags};
+use crate::policy::Decision;
 use crate::policy::{io_status_enabled, IoStatus};
 use crate::pool::Pool;
+use crate::request::FastIo;
 use crate::request::{Drive, IoFailure, Outcome};
+use crate::uring::{Op, OpKind, Uring};
 
 /// A descriptor chain as the queue workers pop it.
 pub type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
@@ -126,6 +135,12 @@ pub struct DriveRuntime {
     io_status: Mutex<IoStatus>,
     events: Mutex<Option<EventSink>>,
     backend_req: Mutex<Option<Backend>>,
+    /// aio=io_uring: plain reads and writes of a raw image go through it.
+    uring: Option<Uring>,
+    /// io_uring operations submitted and not completed: resize and snapshot wait for zero
+    /// (with the image held exclusively, so no new ones start) before touching the image.
+    inflight: Mutex<usize>,
+    idle: Condvar,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -134,6 +149,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl DriveRuntime {
     pub fn new(id: &str, drive: Drive, image: Image, direct: bool) -> Arc<DriveRuntime> {
+        DriveRuntime::with_uring(id, drive, image, direct, None)
+    }
+
+    /// With an io_uring for the plain requests of a raw image (`aio=io_uring`).
+    pub fn with_uring(id: &str, drive: Drive, image: Image, direct: bool, uring: Option<Uring>) -> Arc<DriveRuntime> {
         Arc::new(DriveRuntime {
             id: id.to_string(),
             drive,
@@ -144,7 +164,125 @@ impl DriveRuntime {
             io_status: Mutex::new(IoStatus::Ok),
             events: Mutex::new(None),
             backend_req: Mutex::new(None),
+            uring,
+            inflight: Mutex::new(0),
+            idle: Condvar::new(),
         })
+    }
+
+    /// Whether plain requests go through io_uring.
+    pub fn uses_uring(&self) -> bool {
+        self.uring.is_some()
+    }
+
+    /// Waits until no io_uring operation is in flight. Called with the image held
+    /// exclusively, so none can start meanwhile.
+    fn drain_uring(&self) {
+        let mut n = lock(&self.inflight);
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Runs a plain IN/OUT request through io_uring; gives it back when it is not one (or
+    /// there is no ring), for the pool.
+    fn try_uring(self: &Arc<Self>, req: Request) -> Result<(), Request> {
+        let Some(uring) = &self.uring else { return Err(req) };
+        if matches!(self.drive.cache, vm_config::CacheMode::Writethrough | vm_config::CacheMode::Directsync) {
+            return Err(req);
+        }
+        let disk = self.drive.disk();
+        let Some((fd, align)) = disk.uring_fd() else { return Err(req) };
+        let Some(io) = self.drive.fast_plan(&req.chain, &**disk, align) else { return Err(req) };
+        let Ok(mut buf) = AlignedBuf::new(io.len, align.max(512)) else { return Err(req) };
+        if io.write {
+            let mem = req.chain.memory();
+            let mut at = 0usize;
+            for &(addr, l) in &io.segs {
+                let dst = &mut buf.as_mut_slice(io.len)[at..at + l as usize];
+                if mem.read_slice(dst, addr).is_err() {
+                    return Err(req);
+                }
+                at += l as usize;
+            }
+        }
+        *lock(&self.inflight) += 1;
+        let rt = self.clone();
+        let started = Instant::now();
+        let kind = if io.write { OpKind::Write } else { OpKind::Read };
+        let (offset, len) = (io.offset, io.len);
+        uring.submit(Op {
+            kind,
+            fd,
+            offset,
+            buf,
+            len,
+            done: Box::new(move |res, buf| rt.uring_done(req, io, res, buf, started)),
+        });
+        // The image guard goes only now: a resize or snapshot waiting for it then waits for
+        // the operation too (drain_uring).
+        drop(disk);
+        Ok(())
+    }
+
+    /// On the ring thread: data to the guest, status, used ring, interrupt; or the policy.
+    fn uring_done(&self, req: Request, io: FastIo, res: std::io::Result<usize>, mut buf: AlignedBuf, started: Instant) {
+        let mem = req.chain.memory();
+        let status = match res {
+            Ok(_) => {
+                self.drive.account(&io, started.elapsed());
+                let mut ok = true;
+                if !io.write {
+                    let mut at = 0usize;
+                    let data = buf.as_mut_slice(io.len);
+                    for &(addr, l) in &io.segs {
+                        ok &= mem.write_slice(&data[at..at + l as usize], addr).is_ok();
+                        at += l as usize;
+                    }
+                }
+                Some(if ok { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR })
+            }
+            Err(e) => {
+                let f = self.drive.failure(io.write, &e);
+                let decision = f.decision;
+                match decision {
+                    Decision::Stop => {
+                        lock(&self.held).push_back(req);
+                        self.stopped(f);
+                        self.uring_finished();
+                        return;
+                    }
+                    Decision::Ignore => {
+                        self.report(f);
+                        Some(VIRTIO_BLK_S_OK)
+                    }
+                    Decision::Report => {
+                        self.report(f);
+                        Some(VIRTIO_BLK_S_IOERR)
+                    }
+                }
+            }
+        };
+        let used = match status {
+            Some(st) if mem.write_obj(st as u8, io.status).is_ok() => {
+                if io.write || st != VIRTIO_BLK_S_OK {
+                    1
+                } else {
+                    io.len as u32 + 1
+                }
+            }
+            _ => 0,
+        };
+        req.complete(used);
+        self.uring_finished();
+    }
+
+    fn uring_finished(&self) {
+        let mut n = lock(&self.inflight);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.idle.notify_all();
+        }
     }
 
     /// Where BLOCK_IO_ERROR events go.
@@ -167,8 +305,10 @@ impl DriveRuntime {
         lock(&self.held).len()
     }
 
-    /// Runs a request on the I/O pool.
+    /// Runs a request: a plain read or write of a raw image through io_uring, anything else
+    /// on the I/O pool.
     pub fn submit(self: &Arc<Self>, req: Request) {
+        let Err(req) = self.try_uring(req) else { return };
         let rt = self.clone();
         self.pool.spawn(move || rt.run(req));
     }
@@ -266,6 +406,7 @@ impl DriveRuntime {
         }
         {
             let disk = self.drive.disk_exclusive();
+            self.drain_uring();
             disk.resize(size).map_err(ResizeError::Io)?;
         }
         tracing::info!(device = %self.id, size, "resized");
@@ -292,6 +433,7 @@ impl DriveRuntime {
     pub fn snapshot(&self, path: &Path) -> Result<(), SnapshotError> {
         let shown = path.display().to_string();
         let mut disk = self.drive.disk_exclusive();
+        self.drain_uring();
         let old = lock(&self.image).clone();
         if let Err(e) = disk.flush() {
             tracing::warn!(device = %self.id, "flushing before the snapshot: {e}");

@@ -23,6 +23,7 @@ pub mod pool;
 pub mod request;
 pub mod service;
 pub mod stats;
+pub mod uring;
 
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,8 @@
 //! ```text
 //! blockd --config-json JSON --dbus-address ADDR --instance NAME [--ready-fd FD]
 //! blockd (--socket-path PATH | --fd N) --drive file=IMG,format=raw|qcow2[,readonly=on][,serial=S]
-//!        [,id=ID][,cache=MODE][,werror=ACTION][,rerror=ACTION] [--num-queues N]
+//!        [,id=ID][,cache=MODE][,werror=ACTION][,rerror=ACTION][,aio=threads|io_uring]
+//!        [--num-queues N]
 //!        [--dbus-address ADDR --instance NAME]
 //! blockd --print-capabilities        # {"type": "block", ...}
 //! ```
@@ -33,7 +34,7 @@ use vm_config::{BlockdConfig, CacheMode, DriveConfig, DriveFormat, ErrorAction};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 const USAGE: &str = "usage: blockd --config-json JSON --dbus-address ADDR --instance NAME [--ready-fd FD]\n       \
-blockd (--socket-path PATH | --fd N) --drive file=IMG,format=raw|qcow2[,readonly=on][,serial=S][,id=ID][,cache=C][,werror=A][,rerror=A] [--num-queues N] [--dbus-address ADDR --instance NAME]\n       \
+blockd (--socket-path PATH | --fd N) --drive file=IMG,format=raw|qcow2[,readonly=on][,serial=S][,id=ID][,cache=C][,werror=A][,rerror=A][,aio=threads|io_uring] [--num-queues N] [--dbus-address ADDR --instance NAME]\n       \
 blockd --print-capabilities";
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +69,17 @@ enum SocketSpec {
     Fd(i32),
 }
 
+/// `aio=`: how raw images do their reads and writes (QEMU's option name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Aio {
+    /// One io_uring per drive (the default; the pool where the kernel refuses io_uring).
+    IoUring,
+    /// Every request on a thread of the drive's pool.
+    Threads,
+}
+
 struct Args {
+    aio: Aio,
     config: Option<BlockdConfig>,
     socket: Option<SocketSpec>,
     drive: Option<DriveConfig>,
@@ -149,6 +160,7 @@ fn parse_drive(spec: &str) -> Result<DriveConfig, MainError> {
 
 fn parse_args() -> Result<Args, MainError> {
     let mut args = Args {
+        aio: Aio::IoUring,
         config: None,
         socket: None,
         drive: None,
@@ -173,7 +185,22 @@ fn parse_args() -> Result<Args, MainError> {
                 let fd = value()?.parse().map_err(|_| MainError::Usage("--fd: not a number".into()))?;
                 args.socket = Some(SocketSpec::Fd(fd));
             }
-            "--drive" => args.drive = Some(parse_drive(&value()?)?),
+            "--drive" => {
+                // aio= is not part of DriveConfig: take it out first.
+                let spec = value()?;
+                let mut rest = Vec::new();
+                for part in spec.split(',') {
+                    match part {
+                        "aio=threads" => args.aio = Aio::Threads,
+                        "aio=io_uring" => args.aio = Aio::IoUring,
+                        p if p.starts_with("aio=") => {
+                            return Err(MainError::Usage(format!("--drive: {p}: threads or io_uring")));
+                        }
+                        p => rest.push(p),
+                    }
+                }
+                args.drive = Some(parse_drive(&rest.join(","))?);
+            }
             "--blk-file" => blk_file = Some(PathBuf::from(value()?)),
             "--read-only" => read_only = true,
             "--num-queues" => {
@@ -211,7 +238,7 @@ fn parse_args() -> Result<Args, MainError> {
 }
 
 /// Opens a drive's image and wraps it for serving.
-fn open_drive(cfg: &DriveConfig) -> Result<Arc<DriveRuntime>, MainError> {
+fn open_drive(cfg: &DriveConfig, aio: Aio) -> Result<Arc<DriveRuntime>, MainError> {
     let direct = matches!(cfg.cache, CacheMode::None | CacheMode::Directsync);
     let format = Format::from(cfg.format);
     let flags = OpenFlags { readonly: cfg.readonly, direct };
@@ -224,7 +251,18 @@ fn open_drive(cfg: &DriveConfig) -> Result<Arc<DriveRuntime>, MainError> {
     drive.rerror = cfg.rerror;
     tracing::info!(id = %cfg.id, file = %cfg.file.display(), ?format, readonly = cfg.readonly, cache = ?cfg.cache,
         werror = ?cfg.werror, rerror = ?cfg.rerror, capacity = drive.disk().size(), "drive open");
-    Ok(DriveRuntime::new(&cfg.id, drive, Image { file: cfg.file.clone(), format }, direct))
+    let uring = match (aio, format) {
+        (Aio::IoUring, Format::Raw) => match blockd::uring::Uring::new(&cfg.id) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(id = %cfg.id, "io_uring unavailable ({e}): using the thread pool");
+                None
+            }
+        },
+        _ => None,
+    };
+    tracing::info!(id = %cfg.id, io_uring = uring.is_some(), "I/O engine");
+    Ok(DriveRuntime::with_uring(&cfg.id, drive, Image { file: cfg.file.clone(), format }, direct, uring))
 }
 
 fn listen(spec: &SocketSpec) -> Result<Listener, MainError> {
@@ -268,6 +306,7 @@ fn serve_socket(drive: Arc<DriveRuntime>, mut listener: Listener, num_queues: us
 }
 
 fn run() -> Result<(), MainError> {
+    let signals = block_exit_signals();
     let args = parse_args()?;
     if args.print_capabilities {
         println!("{{\"type\": \"block\", \"features\": [\"read-only\", \"blk-file\"]}}");
@@ -307,13 +346,13 @@ fn run() -> Result<(), MainError> {
     let mut runtimes = Vec::new();
     let mut listeners = Vec::new();
     for (cfg, socket) in &drives {
-        let rt = open_drive(cfg)?;
+        let rt = open_drive(cfg, args.aio)?;
         if let Some(s) = socket {
             listeners.push((rt.clone(), listen(s)?, usize::from(cfg.num_queues.clamp(1, 64))));
         }
         runtimes.push(rt);
     }
-    flush_and_exit_on_signal(runtimes.clone());
+    flush_and_exit_on_signal(signals, runtimes.clone());
     let svc = Arc::new(BlockService::new(runtimes));
     let _dbus = match &args.dbus {
         Some((address, instance)) => Some(DbusServer::start(svc.clone(), address, instance)?),
@@ -360,11 +399,11 @@ fn report_ready(fd: i32) {
     }
 }
 
-/// SIGTERM, SIGINT and SIGHUP flush the images (qcow2 metadata lives in imago's caches) and
-/// end the process. The signals are blocked in every thread and taken by one waiting thread.
-fn flush_and_exit_on_signal(drives: Vec<Arc<DriveRuntime>>) {
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread started after it (call
+/// it first: the I/O threads must not take them); [`flush_and_exit_on_signal`] waits for them.
+fn block_exit_signals() -> libc::sigset_t {
     // SAFETY: plain libc signal-set manipulation on a local, initialised sigset_t.
-    let set = unsafe {
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
@@ -372,7 +411,12 @@ fn flush_and_exit_on_signal(drives: Vec<Arc<DriveRuntime>>) {
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
-    };
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP (blocked by [`block_exit_signals`]) flush the images (qcow2
+/// metadata lives in imago's caches) and end the process; one thread waits for them.
+fn flush_and_exit_on_signal(set: libc::sigset_t, drives: Vec<Arc<DriveRuntime>>) {
     std::thread::spawn(move || {
         let mut sig = 0;
         // SAFETY: sigwait on a valid set, writing into a local.

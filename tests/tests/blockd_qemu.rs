@@ -280,6 +280,7 @@ fn raw_drive_reads_writes_and_serves_a_reconnecting_frontend() {
     let log = blockd.stop();
     assert_eq!(log.matches("frontend connected").count(), 2, "blockd's log:\n{log}");
     assert!(log.contains("event_idx=true"), "Linux did not negotiate EVENT_IDX; blockd's log:\n{log}");
+    assert!(log.contains("io_uring=true"), "a raw drive is served through io_uring; blockd's log:\n{log}");
     std::fs::File::open(&image).unwrap().read_exact_at(&mut got, 2 * MIB).unwrap();
     assert!(got.iter().all(|&b| b == 0), "the discarded range is not zero in {}", image.display());
 }
