@@ -95,6 +95,21 @@ int strcmp(const char *a, const char *b);
 /* Parse an unsigned number (base 16 accepts an optional 0x); returns 0 on success. */
 int parse_u64(const char *s, int base, u64 *out);
 NORETURN void halt_forever(void);
+/* Fills n u32s at d with v (rep stosl). */
+static inline void fill32(void *d, u32 v, size_t n)
+{
+    __asm__ volatile("rep stosl" : "+D"(d), "+c"(n) : "a"(v) : "memory");
+}
+/* Index of the first u32 in p[0..n) that is not v, or n (repe scasl). */
+static inline size_t find32_ne(const void *p, u32 v, size_t n)
+{
+    if (!n)
+        return 0;
+    size_t left = n;
+    int equal;
+    __asm__ volatile("repe scasl" : "+D"(p), "+c"(left), "=@ccz"(equal) : "a"(v) : "memory");
+    return equal ? n : n - left - 1;
+}
 /* CRC-32 (IEEE 802.3, as zlib's crc32()): crc32_update(0, ...) starts one. */
 u32 crc32_update(u32 crc, const void *data, size_t n);
 

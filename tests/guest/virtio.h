@@ -131,6 +131,8 @@ void virtq_publish(struct virtq *q, const u16 *ids, int n);
 void virtq_kick(struct virtq *q);
 /* Takes every new used entry; returns how many. */
 int virtq_reap(struct virtq *q);
+/* Sleeps (briefly, bounded) until the device may have used something on q. */
+void virtq_idle(struct virtq *q);
 /* Waits (bounded) until the chain at `head` is used; 0 and its used length, or -1. */
 int virtq_wait(struct virtq *q, int head, u64 timeout_us, u32 *len);
 /* Whether the device has put new entries in the used ring. */

@@ -184,22 +184,14 @@ static int run_one(u32 type, u64 sector, u8 *data, u32 len, int device_writes, c
     return s->status;
 }
 
-static void fill_sector(u8 *buf, u64 sector, u32 pattern)
-{
-    u32 *w = (u32 *)buf;
-    for (int i = 0; i < 128; i++)
-        w[i] = pattern ^ (u32)sector;
-}
+static void fill_sector(u8 *buf, u64 sector, u32 pattern) { fill32(buf, pattern ^ (u32)sector, 128); }
 
 /* Returns the index of the first sector in buf[0..n) that differs from the pattern, or -1. */
 static i64 check_sectors(const u8 *buf, u64 sector, u32 n, u32 pattern)
 {
-    for (u32 s = 0; s < n; s++) {
-        const u32 *w = (const u32 *)(buf + 512ull * s);
-        for (int i = 0; i < 128; i++)
-            if (w[i] != (pattern ^ (u32)(sector + s)))
-                return s;
-    }
+    for (u32 s = 0; s < n; s++)
+        if (find32_ne(buf + 512ull * s, pattern ^ (u32)(sector + s), 128) != 128)
+            return s;
     return -1;
 }
 
@@ -362,7 +354,7 @@ static void cmd_qd(int argc, char **argv, const char *orig)
                     return;
                 }
                 if (!progressed)
-                    pause();
+                    virtq_idle(&q);
             }
         }
     }

@@ -33,6 +33,7 @@
 
 #define RESET_TIMEOUT_US 1000000
 #define MSI_ADDR_BASE 0xfee00000u
+#define WAKE_MS 10
 
 /* Ring memory per queue: one page each for the descriptor table (16 * 256 bytes), the
  * available ring (6 + 2 * 256) and the used ring (6 + 8 * 256). */
@@ -224,6 +225,10 @@ int virtio_init(struct virtio_dev *vd, const struct pci_dev *p, u64 wanted, u8 c
         kprintf("ERR %s msix-table-unmapped\n", who);
         return -1;
     }
+
+    /* The wake-up that bounds every sleeping wait (virtq_idle) and lets the command loop see
+     * config changes of devices without MSI-X. */
+    lapic_timer_periodic(WAKE_MS);
 
     virtio_reset(vd);
     if (cc8(vd, CC_STATUS) != 0) {
@@ -419,6 +424,28 @@ int virtq_reap(struct virtq *q)
     return n;
 }
 
+/*
+ * Sleeps until the device may have used something on q. With a queue vector the CPU halts
+ * (an MSI wakes it; the periodic LAPIC timer started by virtio_init bounds the sleep), so a
+ * waiting guest costs the host nothing: spinning with `pause` was measured 7x slower on
+ * kvm_pvm, where PAUSE and the polling exit. Without a vector, one pause. Interrupts are on
+ * at return (callers run from the command loop, with interrupts on).
+ */
+void virtq_idle(struct virtq *q)
+{
+    cli();
+    if (q->used[1] != q->last_used) {
+        sti();
+        return;
+    }
+    if (q->vector) {
+        sti_hlt();
+    } else {
+        sti();
+        pause();
+    }
+}
+
 int virtq_wait(struct virtq *q, int head, u64 timeout_us, u32 *len)
 {
     u64 end = tsc_deadline_us(timeout_us);
@@ -431,7 +458,7 @@ int virtq_wait(struct virtq *q, int head, u64 timeout_us, u32 *len)
         }
         if (tsc_passed(end))
             return -1;
-        pause();
+        virtq_idle(q);
     }
 }
 

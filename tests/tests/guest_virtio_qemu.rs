@@ -427,6 +427,6 @@ fn virtio_blk_bar_above_4gib() {
     g.ask("blkflush", "BLKFLUSH status=0");
     assert_pattern_on_host(&image, 64, 16, 0xc0_ffee);
     let vec = g.ask("vectors", "VECTORS");
-    assert!(field(&vec, "v41").is_some_and(|n| n != "0"), "queue interrupts counted: {vec}");
+    assert!(field(&vec, "v41").is_some_and(|n| n != "0"), "no queue interrupts counted: {vec}");
     g.quit();
 }
