@@ -66,7 +66,7 @@ class Qmp:
 class Guest:
     """One QEMU process with the guest; serial and QMP over unix sockets."""
 
-    def __init__(self, args, no_reboot):
+    def __init__(self, args, no_reboot, extra=()):
         self.dir = tempfile.mkdtemp(prefix="flotilla-guest-")
         self.serial_path = os.path.join(self.dir, "serial.sock")
         self.qmp_path = os.path.join(self.dir, "qmp.sock")
@@ -80,6 +80,7 @@ class Guest:
             cmd += ["-cpu", "host"] if args.cpu_host else []
         if no_reboot:
             cmd.append("-no-reboot")
+        cmd += list(extra)
         self.log = open(os.path.join(self.dir, "qemu.log"), "w")
         self.started = time.time()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
@@ -233,8 +234,8 @@ class Checker:
         self.results.append((name, False, detail))
         print(f"FAIL {name} {detail}", flush=True)
 
-    def boot(self, no_reboot=True):
-        g = Guest(self.args, no_reboot)
+    def boot(self, no_reboot=True, extra=()):
+        g = Guest(self.args, no_reboot, extra)
         rep = read_boot_report(g, self.args.boot_timeout)
         return g, rep
 
@@ -431,6 +432,40 @@ class Checker:
         self.ok("powerdown-spin", "power button handled while spinning")
         return g
 
+    def check_virtio(self):
+        """The virtio drivers on QEMU's virtio-blk-pci (raw file, checked on the host) and
+        virtio-balloon-pci (QMP target -> BALLOONED, query-balloon)."""
+        fd, img = tempfile.mkstemp(prefix="flotilla-vblk-", suffix=".raw")
+        os.ftruncate(fd, 16 << 20)
+        os.close(fd)
+        try:
+            g, _ = self.boot(extra=["-drive", f"if=none,id=d0,format=raw,file={img}",
+                                    "-device", "virtio-blk-pci,drive=d0,serial=qemu-check",
+                                    "-device", "virtio-balloon-pci,id=bal"])
+            g.ask("virtio", r"VIRTIO [0-9a-f:.]+ type=(blk|balloon) devid=\d+ bar=0x[0-9a-f]+ msix=\d+")
+            g.ask("blk", r"BLK [0-9a-f:.]+ capacity=32768 ro=0 queues=\d+ features=0x[0-9a-f]+ blk_size=512")
+            g.ask("blkwrite 8 16 c0de0000", r"BLKWROTE 8 16 status=0")
+            g.ask("blkcheck 8 16 c0de0000", r"BLKCHECK 8 16 status=0 ok")
+            g.ask("blkflush", r"BLKFLUSH status=0")
+            g.ask("blkid", r"BLKID status=0 id=qemu-check")
+            with open(img, "rb") as f:
+                f.seek(8 * 512)
+                data = f.read(16 * 512)
+            want = b"".join(struct.pack("<I", 0xc0de0000 ^ s) * 128 for s in range(8, 24))
+            if data != want:
+                raise Fail("the guest's blkwrite is not in the image")
+            g.ask("balloon", r"BALLOON [0-9a-f:.]+ num_pages=0 actual=0 features=0x[0-9a-f]+")
+            target = (self.args.mem - 32) << 20
+            g.qmp.cmd("balloon", value=target)
+            g.expect(r"BALLOONED actual=8192", 10)
+            actual = g.qmp.cmd("query-balloon")["actual"]
+            if actual != target:
+                raise Fail(f"query-balloon actual={actual}, want {target}")
+            self.ok("virtio", f"blk + balloon (balloon actual {actual >> 20} MiB)")
+            return g
+        finally:
+            os.unlink(img)
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -447,7 +482,7 @@ def main():
     args = ap.parse_args()
     c = Checker(args)
     for name in ("boot", "spin", "nmi", "write", "halt", "exception", "resets", "poweroff", "powerdown",
-                 "powerdown-spin"):
+                 "powerdown-spin", "virtio"):
         c.run(name, getattr(c, "check_" + name.replace("-", "_")))
     failed = [r for r in c.results if not r[1]]
     print(f"{len(c.results) - len(failed)}/{len(c.results)} checks passed "
