@@ -94,23 +94,33 @@ void halt_forever(void)
         cli_hlt();      /* NMIs still wake it, get counted, and return here */
 }
 
-/* Table-driven, one byte a step; the table is built on first use. */
+/* Slicing-by-8 (eight 256-entry tables, built on first use): eight bytes a step, about half the
+ * instructions of the one-table loop, which counts where the guest is emulated (kvm_pvm). */
 u32 crc32_update(u32 crc, const void *data, size_t n)
 {
-    static u32 table[256];
+    static u32 t[8][256];
     static int ready;
     if (!ready) {
         for (u32 i = 0; i < 256; i++) {
             u32 c = i;
             for (int k = 0; k < 8; k++)
                 c = (c >> 1) ^ (0xedb88320u & -(c & 1));
-            table[i] = c;
+            t[0][i] = c;
         }
+        for (u32 i = 0; i < 256; i++)
+            for (int k = 1; k < 8; k++)
+                t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xff];
         ready = 1;
     }
     const u8 *p = data;
     crc = ~crc;
+    for (; n >= 8; n -= 8, p += 8) {
+        u32 lo = (p[0] | (u32)p[1] << 8 | (u32)p[2] << 16 | (u32)p[3] << 24) ^ crc;
+        u32 hi = p[4] | (u32)p[5] << 8 | (u32)p[6] << 16 | (u32)p[7] << 24;
+        crc = t[7][lo & 0xff] ^ t[6][(lo >> 8) & 0xff] ^ t[5][(lo >> 16) & 0xff] ^ t[4][lo >> 24] ^
+              t[3][hi & 0xff] ^ t[2][(hi >> 8) & 0xff] ^ t[1][(hi >> 16) & 0xff] ^ t[0][hi >> 24];
+    }
     while (n--)
-        crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+        crc = t[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
     return ~crc;
 }

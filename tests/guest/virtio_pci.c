@@ -74,7 +74,9 @@ static u64 bar_addr(const struct pci_dev *p, int n)
 /* The first virtio capability of cfg_type; 0 if none. */
 static u8 find_vcap(const struct pci_dev *p, u8 cfg_type)
 {
-    for (u8 c = pci_find_cap(p, PCI_CAP_VENDOR, 0); c; c = pci_find_cap(p, PCI_CAP_VENDOR, c))
+    /* Bounded: a capability list that loops must not hang the guest. */
+    u8 c = pci_find_cap(p, PCI_CAP_VENDOR, 0);
+    for (int guard = 0; c && guard < 48; guard++, c = pci_find_cap(p, PCI_CAP_VENDOR, c))
         if (pci_read8(p, c + 3) == cfg_type && pci_read8(p, c + 4) <= 5)
             return c;
     return 0;
