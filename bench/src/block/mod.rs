@@ -46,6 +46,7 @@ options:
   --workloads LIST    comma-separated workload keys (default all six)
   --dir DIR           where the image is made; a real disk, not tmpfs (default /var/tmp)
   --blockd PATH       blockd (default: next to this executable, i.e. target/release/blockd)
+  --blockd-opts OPTS  more key=value options for blockd's --drive, e.g. aio=threads
   --qsd PATH          qemu-storage-daemon (default: on PATH)
   --fio PATH          fio (default: on PATH)
   --json              JSON report on stdout (the table then goes to stderr)
@@ -80,6 +81,8 @@ struct Options {
     workloads: Vec<Workload>,
     dir: PathBuf,
     blockd: Option<PathBuf>,
+    /// Appended to blockd's `--drive` (comma-separated key=value).
+    blockd_opts: Option<String>,
     qsd: Option<PathBuf>,
     fio: Option<PathBuf>,
     json: bool,
@@ -96,6 +99,7 @@ impl Default for Options {
             workloads: WORKLOADS.to_vec(),
             dir: PathBuf::from("/var/tmp"),
             blockd: None,
+            blockd_opts: None,
             qsd: None,
             fio: None,
             json: false,
@@ -184,6 +188,14 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, BlockError> {
             }
             "--dir" => o.dir = value(a)?.into(),
             "--blockd" => o.blockd = Some(value(a)?.into()),
+            "--blockd-opts" => {
+                let v = value(a)?;
+                let ok = |kv: &str| kv.split_once('=').is_some_and(|(k, v)| !k.is_empty() && !v.is_empty());
+                if v.is_empty() || !v.split(',').all(ok) {
+                    return Err(usage(format!("--blockd-opts: '{v}' is not key=value[,key=value...]")));
+                }
+                o.blockd_opts = Some(v);
+            }
             "--qsd" => o.qsd = Some(value(a)?.into()),
             "--fio" => o.fio = Some(value(a)?.into()),
             "--json" => o.json = true,
@@ -335,13 +347,14 @@ impl Ctx<'_> {
         match side {
             Side::Blockd => {
                 let cache = if self.blockd_direct { ",cache=none" } else { "" };
+                let extra = self.o.blockd_opts.as_ref().map_or(String::new(), |x| format!(",{x}"));
                 (
                     self.tools.blockd.clone().unwrap_or_default(),
                     vec![
                         "--socket-path".into(),
                         socket.display().to_string(),
                         "--drive".into(),
-                        format!("file={img},format=raw{cache}"),
+                        format!("file={img},format=raw{cache}{extra}"),
                         "--num-queues".into(),
                         "1".into(),
                     ],

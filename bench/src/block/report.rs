@@ -35,6 +35,9 @@ pub struct Medians {
     pub p99_us: Option<f64>,
     pub cpus: Option<f64>,
     pub frontend_cpus: Option<f64>,
+    /// The spread of throughput over rounds: how noisy this side was.
+    pub iops_min: f64,
+    pub iops_max: f64,
     pub n: usize,
 }
 
@@ -47,6 +50,8 @@ pub fn medians(samples: &[Sample]) -> Option<Medians> {
         p99_us: m(&|s| s.p99_us),
         cpus: m(&|s| s.cpus),
         frontend_cpus: m(&|s| s.frontend_cpus),
+        iops_min: samples.iter().map(|s| s.iops).fold(f64::INFINITY, f64::min),
+        iops_max: samples.iter().map(|s| s.iops).fold(f64::NEG_INFINITY, f64::max),
         n: samples.len(),
     })
 }
@@ -98,6 +103,8 @@ fn opt(v: Option<f64>, places: i32) -> Value {
 fn medians_json(m: &Medians) -> Value {
     json!({
         "iops": round(m.iops, 0),
+        "iops_min": round(m.iops_min, 0),
+        "iops_max": round(m.iops_max, 0),
         "mb_per_s": round(m.mbps, 1),
         "p50_us": opt(m.p50_us, 1),
         "p99_us": opt(m.p99_us, 1),
@@ -228,6 +235,7 @@ mod tests {
     fn medians_over_rounds() {
         let m = medians(&[s(100.0, 10.0), s(300.0, 30.0), s(200.0, 20.0)]).unwrap();
         assert_eq!((m.iops, m.p50_us, m.p99_us, m.cpus, m.n), (200.0, Some(20.0), Some(40.0), None, 3));
+        assert_eq!((m.iops_min, m.iops_max), (100.0, 300.0));
         assert_eq!(medians(&[]), None);
     }
 

@@ -13,7 +13,7 @@ fn defaults_and_options() {
     assert_eq!((o.image_size, o.rounds, o.sides.len(), o.workloads.len()), (1 << 30, 3, 3, 6));
     let o = parse_args(&args(
         "--image-size 256M --runtime-s 0.5 --warmup-s 0 --rounds 2 --only qsd,blockd,qsd --json \
-         --workloads randread-4k-qd1,seqwrite-1m-qd8 --dir /x --blockd /b --qsd /q --fio /f",
+         --workloads randread-4k-qd1,seqwrite-1m-qd8 --dir /x --blockd /b --qsd /q --fio /f --blockd-opts aio=threads,x=y",
     ))
     .unwrap()
     .unwrap();
@@ -22,6 +22,7 @@ fn defaults_and_options() {
     assert_eq!(o.sides, [Side::Qsd, Side::Blockd]);
     assert_eq!(o.workloads.iter().map(|w| w.key).collect::<Vec<_>>(), ["randread-4k-qd1", "seqwrite-1m-qd8"]);
     assert!(o.json);
+    assert_eq!(o.blockd_opts.as_deref(), Some("aio=threads,x=y"));
     assert_eq!((o.dir.to_str(), o.blockd.unwrap().to_str()), (Some("/x"), Some("/b")));
     assert!(parse_args(&args("--help")).unwrap().is_none());
 }
@@ -50,6 +51,8 @@ fn bad_arguments() {
         "--workloads randread",
         "--frobnicate",
         "--dir",
+        "--blockd-opts aio",
+        "--blockd-opts aio=threads,",
     ] {
         assert!(matches!(parse_args(&args(bad)), Err(BlockError::Usage(_))), "{bad}");
     }
