@@ -115,6 +115,7 @@ impl BlockBackend {
                 served: Some((self.inner.served.clone(), queue)),
             });
         }
+        self.inner.drive.flush_submissions();
     }
 }
 

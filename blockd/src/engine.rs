@@ -43,24 +43,64 @@ pub struct Request {
     pub served: Option<(Arc<Vec<AtomicU64>>, usize)>,
 }
 
+thread_local! {
+    /// Queues completed on this thread (the ring thread) whose interrupt is deferred to the end
+    /// of the batch, each once.
+    static DEFERRED: std::cell::RefCell<Vec<(Option<(usize, usize)>, VringRwLock, bool)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Sends the interrupts deferred by [`Request::complete_deferred`] on this thread.
+pub fn flush_deferred_signals() {
+    let list = DEFERRED.with(|d| std::mem::take(&mut *d.borrow_mut()));
+    for (_, vring, event_idx) in list {
+        signal(&vring, event_idx);
+    }
+}
+
+fn signal(vring: &VringRwLock, event_idx: bool) {
+    let notify = !event_idx || vring.needs_notification().unwrap_or(true);
+    if notify {
+        if let Err(e) = vring.signal_used_queue() {
+            tracing::warn!("signalling the guest: {e}");
+        }
+    }
+}
+
 impl Request {
-    /// Puts the chain in the used ring and interrupts the guest if it wants to be.
-    fn complete(&self, used_len: u32) {
+    /// Like [`Request::complete`], the interrupt left to [`flush_deferred_signals`].
+    fn complete_deferred(&self, used_len: u32) {
+        if !self.add_used(used_len) {
+            return;
+        }
+        // A queue is known by its connection's counters and its index: signal each once.
+        let key = self.served.as_ref().map(|(c, q)| (Arc::as_ptr(c) as usize, *q));
+        DEFERRED.with(|d| {
+            let mut d = d.borrow_mut();
+            if key.is_none() || !d.iter().any(|(k, _, _)| *k == key) {
+                d.push((key, self.vring.clone(), self.event_idx));
+            }
+        });
+    }
+
+    fn add_used(&self, used_len: u32) -> bool {
         let head = self.chain.head_index();
         if let Err(e) = self.vring.add_used(head, used_len) {
             tracing::warn!("adding a used entry: {e}");
-            return;
+            return false;
         }
         if let Some((counters, q)) = &self.served {
             if let Some(c) = counters.get(*q) {
                 c.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let notify = !self.event_idx || self.vring.needs_notification().unwrap_or(true);
-        if notify {
-            if let Err(e) = self.vring.signal_used_queue() {
-                tracing::warn!("signalling the guest: {e}");
-            }
+        true
+    }
+
+    /// Puts the chain in the used ring and interrupts the guest if it wants to be.
+    fn complete(&self, used_len: u32) {
+        if self.add_used(used_len) {
+            signal(&self.vring, self.event_idx);
         }
     }
 }
@@ -211,7 +251,7 @@ impl DriveRuntime {
         let started = Instant::now();
         let kind = if io.write { OpKind::Write } else { OpKind::Read };
         let (offset, len) = (io.offset, io.len);
-        uring.submit(Op {
+        uring.queue(Op {
             kind,
             fd,
             offset,
@@ -273,7 +313,7 @@ impl DriveRuntime {
             }
             _ => 0,
         };
-        req.complete(used);
+        req.complete_deferred(used);
         self.uring_finished();
     }
 
@@ -305,8 +345,16 @@ impl DriveRuntime {
         lock(&self.held).len()
     }
 
-    /// Runs a request: a plain read or write of a raw image through io_uring, anything else
-    /// on the I/O pool.
+    /// Has the ring submit the requests [`DriveRuntime::submit`] queued (once per batch of
+    /// chains popped from a queue).
+    pub fn flush_submissions(&self) {
+        if let Some(u) = &self.uring {
+            u.wake();
+        }
+    }
+
+    /// Runs a request: a plain read or write of a raw image through io_uring (queued: call
+    /// [`DriveRuntime::flush_submissions`] after the batch), anything else on the I/O pool.
     pub fn submit(self: &Arc<Self>, req: Request) {
         let Err(req) = self.try_uring(req) else { return };
         let rt = self.clone();

@@ -73,7 +73,17 @@ impl Uring {
     }
 
     pub fn submit(&self, op: Op) {
+        self.queue(op);
+        self.wake();
+    }
+
+    /// Queues `op` without waking the ring thread: call [`Uring::wake`] after a batch.
+    pub fn queue(&self, op: Op) {
         self.shared.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(op);
+    }
+
+    /// Has the ring thread submit what is queued.
+    pub fn wake(&self) {
         if let Err(e) = self.shared.wake.write(1) {
             tracing::error!("waking the io_uring thread: {e}");
         }
@@ -152,6 +162,8 @@ fn run(mut ring: IoUring, shared: &Shared) -> io::Result<()> {
             let Op { buf, done, .. } = f.op;
             done(result, buf);
         }
+        // One interrupt per queue for the whole batch of completions.
+        crate::engine::flush_deferred_signals();
         if rearm {
             // The read consumed the eventfd's counter; wait for the next wake-up.
             // SAFETY: as above.
