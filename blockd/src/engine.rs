@@ -17,7 +17,7 @@ use vm_memory::{GuestMemoryLoadGuard, GuestMemoryMmap};
 use std::sync::Condvar;
 use std::time::Instant;
 
-use vm_memory::Bytes;
+use vm_memory::{Bytes, GuestMemoryBackend};
 
 use crate::disk::{self, AlignedBuf, Format, OpenFlags};
 use crate::policy::Decision;
@@ -25,7 +25,7 @@ use crate::policy::{io_status_enabled, IoStatus};
 use crate::pool::Pool;
 use crate::request::FastIo;
 use crate::request::{Drive, IoFailure, Outcome};
-use crate::uring::{Op, OpKind, Uring};
+use crate::uring::{IoVecs, Op, OpKind, Uring};
 
 /// A descriptor chain as the queue workers pop it.
 pub type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
@@ -41,6 +41,22 @@ pub struct Request {
     pub event_idx: bool,
     /// Requests completed on this queue, for the per-connection log.
     pub served: Option<(Arc<Vec<AtomicU64>>, usize)>,
+}
+
+/// The request's data segments as host iovecs into guest RAM, if each is one contiguous
+/// piece of it whose address and length are multiples of `align` (O_DIRECT's rule).
+fn guest_iovecs(req: &Request, io: &FastIo, align: usize) -> Option<Vec<libc::iovec>> {
+    let mem = req.chain.memory();
+    let mut v = Vec::with_capacity(io.segs.len());
+    for &(addr, len) in &io.segs {
+        let slice = mem.get_slice(addr, len as usize).ok()?;
+        let ptr = slice.ptr_guard_mut().as_ptr();
+        if ptr as usize % align != 0 || len as usize % align != 0 {
+            return None;
+        }
+        v.push(libc::iovec { iov_base: ptr.cast(), iov_len: len as usize });
+    }
+    Some(v)
 }
 
 thread_local! {
@@ -234,8 +250,15 @@ impl DriveRuntime {
         let disk = self.drive.disk();
         let Some((fd, align)) = disk.uring_fd() else { return Err(req) };
         let Some(io) = self.drive.fast_plan(&req.chain, &**disk, align) else { return Err(req) };
-        let Ok(mut buf) = AlignedBuf::new(io.len, align.max(512)) else { return Err(req) };
-        if io.write {
+        // Zero copy where every data segment is one piece of guest RAM aligned for the
+        // descriptor; a bounce buffer otherwise.
+        let iov = match guest_iovecs(&req, &io, align) {
+            Some(v) => v,
+            None => Vec::new(),
+        };
+        let bounce_len = if iov.is_empty() { io.len } else { 0 };
+        let Ok(mut buf) = AlignedBuf::new(bounce_len, align.max(512)) else { return Err(req) };
+        if io.write && iov.is_empty() {
             let mem = req.chain.memory();
             let mut at = 0usize;
             for &(addr, l) in &io.segs {
@@ -246,6 +269,7 @@ impl DriveRuntime {
                 at += l as usize;
             }
         }
+        let bounced = iov.is_empty();
         *lock(&self.inflight) += 1;
         let rt = self.clone();
         let started = Instant::now();
@@ -256,8 +280,9 @@ impl DriveRuntime {
             fd,
             offset,
             buf,
+            iov: IoVecs(iov),
             len,
-            done: Box::new(move |res, buf| rt.uring_done(req, io, res, buf, started)),
+            done: Box::new(move |res, buf| rt.uring_done(req, io, bounced, res, buf, started)),
         });
         // The image guard goes only now: a resize or snapshot waiting for it then waits for
         // the operation too (drain_uring).
@@ -266,13 +291,21 @@ impl DriveRuntime {
     }
 
     /// On the ring thread: data to the guest, status, used ring, interrupt; or the policy.
-    fn uring_done(&self, req: Request, io: FastIo, res: std::io::Result<usize>, mut buf: AlignedBuf, started: Instant) {
+    fn uring_done(
+        &self,
+        req: Request,
+        io: FastIo,
+        bounced: bool,
+        res: std::io::Result<usize>,
+        mut buf: AlignedBuf,
+        started: Instant,
+    ) {
         let mem = req.chain.memory();
         let status = match res {
             Ok(_) => {
                 self.drive.account(&io, started.elapsed());
                 let mut ok = true;
-                if !io.write {
+                if !io.write && bounced {
                     let mut at = 0usize;
                     let data = buf.as_mut_slice(io.len);
                     for &(addr, l) in &io.segs {

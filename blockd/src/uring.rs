@@ -31,12 +31,22 @@ pub enum OpKind {
 /// Called on the ring thread with the transfer's result (bytes) and the buffer back.
 pub type Done = Box<dyn FnOnce(io::Result<usize>, AlignedBuf) + Send>;
 
-/// One read or write of `len` bytes of `buf` at `offset` of `fd`.
+/// Memory the kernel transfers to or from directly (guest RAM: zero copy).
+pub struct IoVecs(pub Vec<libc::iovec>);
+
+// SAFETY: the vectors point into guest memory that the operation's owner keeps mapped until
+// its completion (the descriptor chain's memory guard travels in the `done` closure); only
+// the ring thread and the kernel use them meanwhile.
+unsafe impl Send for IoVecs {}
+
+/// One read or write of `len` bytes at `offset` of `fd`: into or out of `iov` when it is not
+/// empty (zero copy), else of `buf`.
 pub struct Op {
     pub kind: OpKind,
     pub fd: RawFd,
     pub offset: u64,
     pub buf: AlignedBuf,
+    pub iov: IoVecs,
     pub len: usize,
     pub done: Done,
 }
@@ -45,6 +55,24 @@ struct InFlight {
     op: Op,
     /// Bytes transferred so far (short transfers are continued).
     moved: usize,
+    /// `op.iov` less the `moved` bytes (what the next submission covers).
+    cur: Vec<libc::iovec>,
+}
+
+/// `iov` without its first `skip` bytes.
+fn advance(iov: &[libc::iovec], mut skip: usize) -> Vec<libc::iovec> {
+    let mut out = Vec::with_capacity(iov.len());
+    for v in iov {
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        // SAFETY: `skip < iov_len`, so the pointer stays inside this vector's memory.
+        let base = unsafe { (v.iov_base as *mut u8).add(skip) };
+        out.push(libc::iovec { iov_base: base.cast(), iov_len: v.iov_len - skip });
+        skip = 0;
+    }
+    out
 }
 
 struct Shared {
@@ -90,11 +118,19 @@ impl Uring {
     }
 }
 
-fn sqe(op: &Op, moved: usize, user_data: u64) -> io_uring::squeue::Entry {
+fn sqe(f: &InFlight, user_data: u64) -> io_uring::squeue::Entry {
+    let (op, moved) = (&f.op, f.moved);
     // A request's length is bounded by Limits::max_data (32 MiB), so it fits a u32.
     let left = u32::try_from(op.len - moved).unwrap_or(u32::MAX);
     let fd = types::Fd(op.fd);
     let offset = op.offset + moved as u64;
+    if !op.iov.0.is_empty() {
+        let (ptr, n) = (f.cur.as_ptr(), u32::try_from(f.cur.len()).unwrap_or(u32::MAX));
+        return match op.kind {
+            OpKind::Read => opcode::Readv::new(fd, ptr, n).offset(offset).build().user_data(user_data),
+            OpKind::Write => opcode::Writev::new(fd, ptr, n).offset(offset).build().user_data(user_data),
+        };
+    }
     // SAFETY: `moved < len <= the buffer's size`, so the pointer stays inside the buffer.
     let ptr = unsafe { op.buf.as_ptr().add(moved) };
     match op.kind {
@@ -139,7 +175,8 @@ fn run(mut ring: IoUring, shared: &Shared) -> io::Result<()> {
                 f.moved += n;
                 if f.moved < f.op.len && n > 0 {
                     // Short transfer: continue where it stopped.
-                    pending.push_back((idx, sqe(&f.op, f.moved, ud)));
+                    f.cur = advance(&f.op.iov.0, f.moved);
+                    pending.push_back((idx, sqe(&f, ud)));
                     slots[idx] = Some(f);
                     continue;
                 }
@@ -148,7 +185,15 @@ fn run(mut ring: IoUring, shared: &Shared) -> io::Result<()> {
                         // End of file: the rest reads as zeroes.
                         OpKind::Read => {
                             let len = f.op.len;
-                            f.op.buf.as_mut_slice(len)[f.moved..].fill(0);
+                            if f.op.iov.0.is_empty() {
+                                f.op.buf.as_mut_slice(len)[f.moved..].fill(0);
+                            } else {
+                                for v in advance(&f.op.iov.0, f.moved) {
+                                    // SAFETY: the vector is guest memory the owner keeps
+                                    // mapped (see IoVecs), `iov_len` bytes long.
+                                    unsafe { std::ptr::write_bytes(v.iov_base as *mut u8, 0, v.iov_len) };
+                                }
+                            }
                             Ok(len)
                         }
                         OpKind::Write => Err(io::Error::from_raw_os_error(libc::EIO)),
@@ -179,16 +224,18 @@ fn run(mut ring: IoUring, shared: &Shared) -> io::Result<()> {
                     slots.push(None);
                     slots.len() - 1
                 });
-                let e = sqe(&op, 0, idx as u64);
-                slots[idx] = Some(InFlight { op, moved: 0 });
+                let cur = op.iov.0.clone();
+                let f = InFlight { op, moved: 0, cur };
+                let e = sqe(&f, idx as u64);
+                slots[idx] = Some(f);
                 pending.push_back((idx, e));
                 in_flight += 1;
             }
         }
         let mut sq = ring.submission();
         while let Some((_, e)) = pending.front() {
-            // SAFETY: every entry points into a buffer owned by its slot until its completion,
-            // and at an fd the submitter keeps open until then.
+            // SAFETY: every entry points into a buffer (or iovec array and guest memory) owned
+            // by its slot until its completion, and at an fd the submitter keeps open until then.
             if unsafe { sq.push(e) }.is_err() {
                 break;
             }
@@ -220,6 +267,7 @@ mod tests {
             fd: file.as_raw_fd(),
             offset: 4096,
             buf,
+            iov: IoVecs(Vec::new()),
             len: 4096,
             done: Box::new(move |r, _| t.send(r.map_err(|e| e.to_string())).unwrap()),
         });
@@ -233,6 +281,7 @@ mod tests {
             fd: file.as_raw_fd(),
             offset: 6144,
             buf,
+            iov: IoVecs(Vec::new()),
             len: 4096,
             done: Box::new(move |r, mut b| {
                 btx.send((r.map_err(|e| e.to_string()), b.as_mut_slice(4096).to_vec())).unwrap()
@@ -249,6 +298,7 @@ mod tests {
                 fd: file.as_raw_fd(),
                 offset: (i % 16) * 512,
                 buf: AlignedBuf::new(512, 512).unwrap(),
+                iov: IoVecs(Vec::new()),
                 len: 512,
                 done: Box::new(move |r, _| t.send(r.map_err(|e| e.to_string())).unwrap()),
             });
@@ -256,12 +306,55 @@ mod tests {
         for _ in 0..600 {
             assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(512));
         }
+        // Zero copy: two iovecs written, then read back past the end (zeroes there).
+        let (a, b) = (AlignedBuf::new(512, 512).unwrap(), AlignedBuf::new(1024, 512).unwrap());
+        // SAFETY: both buffers are 512 and 1024 bytes long and live until the reads below.
+        unsafe {
+            std::ptr::write_bytes(a.as_ptr(), 0x61, 512);
+            std::ptr::write_bytes(b.as_ptr(), 0x62, 1024);
+        }
+        let iov = |x: &AlignedBuf, y: &AlignedBuf| {
+            IoVecs(vec![
+                libc::iovec { iov_base: x.as_ptr().cast(), iov_len: 512 },
+                libc::iovec { iov_base: y.as_ptr().cast(), iov_len: 1024 },
+            ])
+        };
+        let (t, v) = (tx.clone(), iov(&a, &b));
+        u.submit(Op {
+            kind: OpKind::Write,
+            fd: file.as_raw_fd(),
+            offset: 7168,
+            buf: AlignedBuf::new(0, 1).unwrap(),
+            iov: v,
+            len: 1536,
+            done: Box::new(move |r, _| t.send(r.map_err(|e| e.to_string())).unwrap()),
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(1536));
+        let f = std::fs::read(&path).unwrap();
+        assert_eq!(f.len(), 8704);
+        assert!(f[7168..7680].iter().all(|&x| x == 0x61) && f[7680..].iter().all(|&x| x == 0x62));
+        let (c, d) = (AlignedBuf::new(512, 512).unwrap(), AlignedBuf::new(1024, 512).unwrap());
+        let (t, v) = (tx.clone(), iov(&c, &d));
+        u.submit(Op {
+            kind: OpKind::Read,
+            fd: file.as_raw_fd(),
+            offset: 8192,
+            buf: AlignedBuf::new(0, 1).unwrap(),
+            iov: v,
+            len: 1536,
+            done: Box::new(move |r, _| t.send(r.map_err(|e| e.to_string())).unwrap()),
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), Ok(1536));
+        let (mut c, mut d) = (c, d);
+        assert!(c.as_mut_slice(512).iter().all(|&x| x == 0x62), "data up to the end");
+        assert!(d.as_mut_slice(1024).iter().all(|&x| x == 0), "zeroes past it");
         // A bad descriptor fails cleanly.
         u.submit(Op {
             kind: OpKind::Read,
             fd: -1,
             offset: 0,
             buf: AlignedBuf::new(512, 512).unwrap(),
+            iov: IoVecs(Vec::new()),
             len: 512,
             done: Box::new(move |r, _| tx.send(r.map_err(|e| e.to_string())).unwrap()),
         });
