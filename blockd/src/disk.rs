@@ -206,7 +206,7 @@ impl RawDisk {
         match &self.direct {
             None => (&self.file, None),
             Some((buffered, align)) => {
-                if offset % *align as u64 == 0 && len % *align == 0 {
+                if offset.is_multiple_of(*align as u64) && len.is_multiple_of(*align) {
                     (&self.file, Some(*align))
                 } else {
                     (buffered, None)

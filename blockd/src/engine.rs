@@ -51,7 +51,7 @@ fn guest_iovecs(req: &Request, io: &FastIo, align: usize) -> Option<Vec<libc::io
     for &(addr, len) in &io.segs {
         let slice = mem.get_slice(addr, len as usize).ok()?;
         let ptr = slice.ptr_guard_mut().as_ptr();
-        if ptr as usize % align != 0 || len as usize % align != 0 {
+        if !(ptr as usize).is_multiple_of(align) || !(len as usize).is_multiple_of(align) {
             return None;
         }
         v.push(libc::iovec { iov_base: ptr.cast(), iov_len: len as usize });
@@ -59,11 +59,13 @@ fn guest_iovecs(req: &Request, io: &FastIo, align: usize) -> Option<Vec<libc::io
     Some(v)
 }
 
+/// A queue to interrupt at the end of a batch: (its key, the vring, EVENT_IDX negotiated).
+type Deferred = (Option<(usize, usize)>, VringRwLock, bool);
+
 thread_local! {
     /// Queues completed on this thread (the ring thread) whose interrupt is deferred to the end
     /// of the batch, each once.
-    static DEFERRED: std::cell::RefCell<Vec<(Option<(usize, usize)>, VringRwLock, bool)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    static DEFERRED: std::cell::RefCell<Vec<Deferred>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Sends the interrupts deferred by [`Request::complete_deferred`] on this thread.
@@ -252,10 +254,7 @@ impl DriveRuntime {
         let Some(io) = self.drive.fast_plan(&req.chain, &**disk, align) else { return Err(req) };
         // Zero copy where every data segment is one piece of guest RAM aligned for the
         // descriptor; a bounce buffer otherwise.
-        let iov = match guest_iovecs(&req, &io, align) {
-            Some(v) => v,
-            None => Vec::new(),
-        };
+        let iov = guest_iovecs(&req, &io, align).unwrap_or_default();
         let bounce_len = if iov.is_empty() { io.len } else { 0 };
         let Ok(mut buf) = AlignedBuf::new(bounce_len, align.max(512)) else { return Err(req) };
         if io.write && iov.is_empty() {
@@ -482,7 +481,7 @@ impl DriveRuntime {
             return Err(ResizeError::ReadOnly);
         }
         let format = lock(&self.image).format;
-        if format == Format::Qcow2 && size % 512 != 0 {
+        if format == Format::Qcow2 && !size.is_multiple_of(512) {
             return Err(ResizeError::Unaligned);
         }
         {

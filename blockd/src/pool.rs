@@ -120,7 +120,8 @@ mod tests {
             let tx = tx.clone();
             pool.spawn(move || tx.send(i).unwrap());
         }
-        assert_eq!((0..20).map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap()).count(), 20);
+        let got: Vec<i32> = (0..20).map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
+        assert_eq!(got.len(), 20);
         assert!(pool.shared.state.lock().unwrap().threads <= 4);
     }
 }

@@ -489,13 +489,13 @@ impl Drive {
             len += l as usize;
         }
         if !mem.check_range(saddr, 1, vm_memory::Permissions::ReadWrite)
-            || len % align != 0
+            || !len.is_multiple_of(align)
             || len > self.limits.max_data
         {
             return None;
         }
         let offset = sector.checked_mul(SECTOR_SIZE)?;
-        if offset % align as u64 != 0 || self.check_range(disk, sector, len as u64).is_err() {
+        if !offset.is_multiple_of(align as u64) || self.check_range(disk, sector, len as u64).is_err() {
             return None;
         }
         let segs = data.iter().map(|&(a, l, _)| (a, l)).collect();
