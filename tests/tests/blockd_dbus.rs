@@ -9,7 +9,7 @@
 //! The guest I/O that makes blockd hold a request and retry it on RESUME is in
 //! `blockd_qemu.rs` (QEMU as the frontend, ENOSPC on a tmpfs). Every wait is bounded.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -174,8 +174,7 @@ fn start_blockd(dir: &TempDir, bus: &Bus, instance: &str, cfg: &BlockdConfig) ->
     std::thread::spawn(move || {
         // One line, not EOF: a child spawned meanwhile by another test may hold the write end.
         let mut s = String::new();
-        let _ =
-            std::io::BufRead::read_line(&mut std::io::BufReader::new(std::fs::File::from(OwnedFd::from(r))), &mut s);
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(std::fs::File::from(r)), &mut s);
         let _ = tx.send(s);
     });
     match rx.recv_timeout(START) {
