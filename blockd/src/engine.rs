@@ -518,6 +518,15 @@ impl DriveRuntime {
         if let Err(e) = disk.flush() {
             tracing::warn!(device = %self.id, "flushing before the snapshot: {e}");
         }
+        // Never overwrite the image in use (the seed's "created in the existing file" would
+        // truncate it under the guest).
+        let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y);
+        if same(path, &old.file) {
+            return Err(SnapshotError::Create {
+                path: shown,
+                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "it is the image in use"),
+            });
+        }
         let size = disk.size();
         disk::create_qcow2_overlay(path, size, &old.file.display().to_string(), old.format)
             .map_err(|source| SnapshotError::Create { path: shown.clone(), source })?;

@@ -292,6 +292,10 @@ fn blockd_answers_the_qmp_block_commands_over_dbus() {
     assert_eq!(class(&e), "OpenFileFailed", "{e}");
     let e = c.call(&name, "BlockdevSnapshotSync", &("nosuch", &s, Vec::<String>::new())).expect_err("unknown");
     assert_eq!(class(&e), "DeviceNotFound", "{e}");
+    let e = c
+        .call(&name, "BlockdevSnapshotSync", &("d1", top.display().to_string(), Vec::<String>::new()))
+        .expect_err("the image in use is never overwritten");
+    assert_eq!(class(&e), "OpenFileFailed", "{e}");
     c.call(&name, "BlockdevSnapshotSync", &("d1", &s, vec!["qcow2"])).expect("snapshot");
     let blocks = c.call(&name, "QueryBlock", &()).expect("query-block").expect("body");
     assert_eq!(blocks[1]["inserted"]["file"], s, "{blocks}");
