@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use flotilla_schema::check::QmpError;
 use flotilla_schema::commands::BalloonArgs;
+use flotilla_schema::daemon_start::{spawn_bus_thread, within_connect_timeout, BusThread, BusThreadError, Ready};
 use flotilla_schema::dbus;
 use flotilla_schema::dbus_server::{emit_qmp_event, serve, Balloon1, Balloon1Handler, Exported};
 use flotilla_schema::types::BalloonInfo;
@@ -23,16 +24,8 @@ use crate::device::{Device, Event};
 pub const OBJECT: &str = "Balloon";
 /// The commands balloond implements (its interface less the QOM commands).
 pub const EXPORTED: &[&str] = &["balloon", "query-balloon"];
-/// How long connecting to the bus and taking the name may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-pub enum DbusError {
-    #[error("cannot start the D-Bus thread: {0}")]
-    Thread(#[source] std::io::Error),
-    #[error("cannot connect to D-Bus at {address} as {name}: {reason}")]
-    Connect { address: String, name: String, reason: String },
-}
+/// How long the bus thread may take to close when balloond ends.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The QMP error for a refused target: QEMU's `QERR_INVALID_PARAMETER_VALUE, "target",
 /// "a size"`. The text is QEMU 7.2's (shared/qemu-7.2-qmp/errors/balloon-zero.txt); the class
@@ -73,7 +66,7 @@ impl Balloon1Handler for Handler {
 /// The D-Bus side of balloond, running in its own thread; closes the connection when dropped.
 pub struct DbusServer {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<BusThread>,
     bus_name: String,
 }
 
@@ -81,28 +74,12 @@ impl DbusServer {
     /// Connects to the bus at `address`, serves the interface and takes
     /// `org.flotilla.<instance>.Balloon`; returns once the name is owned (or failed). From
     /// then on the device's events go out as signals.
-    pub fn start(device: Arc<Device>, address: &str, instance: &str) -> Result<DbusServer, DbusError> {
+    pub fn start(device: Arc<Device>, address: &str, instance: &str) -> Result<DbusServer, BusThreadError> {
         let bus_name = dbus::bus_name(instance, OBJECT);
         let path = dbus::object_path(OBJECT);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (addr, name) = (address.to_string(), bus_name.clone());
-        let thread = std::thread::Builder::new()
-            .name("dbus".into())
-            .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(run(device, addr, name, path, ready_tx, stop_rx)),
-                Err(e) => {
-                    let _ = ready_tx.send(Err(format!("cannot start the tokio runtime: {e}")));
-                }
-            })
-            .map_err(DbusError::Thread)?;
-        let connect_error =
-            |reason: String| DbusError::Connect { address: address.to_string(), name: bus_name.clone(), reason };
-        match ready_rx.recv_timeout(CONNECT_TIMEOUT + Duration::from_secs(1)) {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => return Err(connect_error(reason)),
-            Err(_) => return Err(connect_error("timed out".into())),
-        }
+        let thread = spawn_bus_thread(address, &bus_name, move |ready| run(device, addr, name, path, ready, stop_rx))?;
         tracing::info!(name = %bus_name, "serving org.flotilla.Balloon1");
         Ok(DbusServer { stop: Some(stop_tx), thread: Some(thread), bus_name })
     }
@@ -118,7 +95,9 @@ impl Drop for DbusServer {
             let _ = s.send(());
         }
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if !t.join_within(CLOSE_TIMEOUT) {
+                tracing::warn!("the D-Bus thread did not end within {CLOSE_TIMEOUT:?}");
+            }
         }
     }
 }
@@ -128,32 +107,22 @@ async fn run(
     address: String,
     bus_name: String,
     path: String,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    ready: Ready,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let iface = match Exported::new(Balloon1::new(Arc::new(Handler::new(device.clone()))), EXPORTED) {
         Ok(i) => i,
-        Err(e) => {
-            let _ = ready.send(Err(e.to_string()));
-            return;
-        }
+        Err(e) => return ready.fail(e.to_string()),
     };
-    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, serve(&address, &bus_name, &path, iface)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            let _ = ready.send(Err(e.to_string()));
-            return;
-        }
-        Err(_) => {
-            let _ = ready.send(Err(format!("no answer within {CONNECT_TIMEOUT:?}")));
-            return;
-        }
+    let conn = match within_connect_timeout(serve(&address, &bus_name, &path, iface)).await {
+        Ok(c) => c,
+        Err(e) => return ready.fail(e),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     device.set_event_sink(Some(Box::new(move |ev| {
         let _ = tx.send(ev);
     })));
-    let _ = ready.send(Ok(()));
+    ready.ok();
     loop {
         tokio::select! {
             ev = rx.recv() => {

@@ -11,7 +11,6 @@
 //! once the socket listens and, with D-Bus, the bus name is owned. Every connection gets a new
 //! daemon on the same listener, so a frontend that reconnects is served again.
 
-use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,8 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use balloond::backend::{BackendError, BalloonBackend};
-use balloond::dbus::{DbusError, DbusServer};
+use balloond::dbus::DbusServer;
 use balloond::device::Device;
+use flotilla_schema::daemon_start::{report_ready, BusThreadError};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_config::BalloondConfig;
@@ -46,7 +46,7 @@ enum MainError {
     #[error("starting the device: {0}")]
     Device(#[source] std::io::Error),
     #[error(transparent)]
-    Dbus(#[from] DbusError),
+    Dbus(#[from] BusThreadError),
     #[error("setting up the backend: {0}")]
     Backend(#[from] BackendError),
     #[error("serving a connection: {0}")]
@@ -150,7 +150,9 @@ fn run() -> Result<(), MainError> {
         None => None,
     };
     if let Some(fd) = args.ready_fd {
-        report_ready(fd);
+        if let Err(e) = report_ready(fd) {
+            tracing::warn!("cannot report readiness on fd {fd}: {e}");
+        }
     }
     tracing::info!(mem_bytes, "serving");
     loop {
@@ -180,16 +182,6 @@ fn serve_one(listener: &mut Listener, device: &Arc<Device>, stats_interval: Opti
     drop(daemon);
     tracing::info!(totals = ?device.counters.values(), "balloon totals so far");
     Ok(())
-}
-
-/// Writes `ready\n` to the launcher's pipe and closes it.
-fn report_ready(fd: i32) {
-    // SAFETY: the launcher passed this descriptor for us alone; nothing else in this process
-    // uses or closes it, so taking ownership (and closing it on drop) is sound.
-    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-    if let Err(e) = f.write_all(b"ready\n") {
-        tracing::warn!("cannot report readiness on fd {fd}: {e}");
-    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP end the process at once: the balloon keeps no state that needs

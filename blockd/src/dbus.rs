@@ -6,10 +6,11 @@
 //! the image (resize, snapshot) run in `spawn_blocking`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use flotilla_schema::check::QmpError;
 use flotilla_schema::commands::{BlockPasswdArgs, BlockResizeArgs, BlockdevSnapshotSyncArgs};
+use flotilla_schema::daemon_start::{spawn_bus_thread, within_connect_timeout, BusThread, BusThreadError, Ready};
 use flotilla_schema::dbus::{self, EVENTS_INTERFACE, EVENT_SIGNAL};
 use flotilla_schema::dbus_server::zbus::{self, Connection, MatchRule, MessageStream};
 use flotilla_schema::dbus_server::{emit_qmp_event, serve, Block1, Block1Handler, Exported};
@@ -21,17 +22,6 @@ use crate::service::{BlockService, EXPORTED};
 
 /// The object name in the bus name and path.
 pub const OBJECT: &str = "Block";
-/// How long connecting to the bus (and taking the name) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-pub enum DbusError {
-    #[error("cannot start the D-Bus thread: {0}")]
-    Thread(#[source] std::io::Error),
-    #[error("cannot connect to D-Bus at {address} as {name}: {reason}")]
-    Connect { address: String, name: String, reason: String },
-}
-
 struct Handler {
     svc: Arc<BlockService>,
 }
@@ -69,13 +59,15 @@ impl Block1Handler for Handler {
 /// The D-Bus side of blockd, running in its own thread for the life of the process.
 pub struct DbusServer {
     pub bus_name: String,
+    /// Runs until the process ends (blockd exits without closing the bus).
+    _thread: BusThread,
 }
 
 impl DbusServer {
     /// Connects, serves the interface, takes `org.flotilla.<instance>.Block` and subscribes to
     /// vmm-core's events; returns once the name is owned (or that failed). I/O errors of every
     /// drive are emitted as BLOCK_IO_ERROR from then on.
-    pub fn start(svc: Arc<BlockService>, address: &str, instance: &str) -> Result<DbusServer, DbusError> {
+    pub fn start(svc: Arc<BlockService>, address: &str, instance: &str) -> Result<DbusServer, BusThreadError> {
         let bus_name = dbus::bus_name(instance, OBJECT);
         let core_name = dbus::bus_name(instance, "VmmCore");
         let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel::<IoErrorEvent>();
@@ -85,30 +77,10 @@ impl DbusServer {
                 let _ = tx.send(ev);
             }));
         }
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let (addr, name) = (address.to_string(), bus_name.clone());
-        std::thread::Builder::new()
-            .name("dbus".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(format!("cannot start the tokio runtime: {e}")));
-                        return;
-                    }
-                };
-                rt.block_on(run(svc, addr, name, core_name, ready_tx, ev_rx));
-            })
-            .map_err(DbusError::Thread)?;
-        let connect_error =
-            |reason: String| DbusError::Connect { address: address.to_string(), name: bus_name.clone(), reason };
-        match ready_rx.recv_timeout(CONNECT_TIMEOUT + Duration::from_secs(1)) {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => return Err(connect_error(reason)),
-            Err(_) => return Err(connect_error("timed out".into())),
-        }
+        let thread = spawn_bus_thread(address, &bus_name, move |ready| run(svc, addr, name, core_name, ready, ev_rx))?;
         tracing::info!(name = %bus_name, "serving org.flotilla.Block1");
-        Ok(DbusServer { bus_name })
+        Ok(DbusServer { bus_name, _thread: thread })
     }
 }
 
@@ -138,22 +110,15 @@ async fn run(
     address: String,
     bus_name: String,
     core_name: String,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    ready: Ready,
     mut events: tokio::sync::mpsc::UnboundedReceiver<IoErrorEvent>,
 ) {
     let (conn, mut core_events) =
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect(svc.clone(), &address, &bus_name, &core_name)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                let _ = ready.send(Err(e));
-                return;
-            }
-            Err(_) => {
-                let _ = ready.send(Err(format!("no answer within {CONNECT_TIMEOUT:?}")));
-                return;
-            }
+        match within_connect_timeout(connect(svc.clone(), &address, &bus_name, &core_name)).await {
+            Ok(c) => c,
+            Err(e) => return ready.fail(e),
         };
-    let _ = ready.send(Ok(()));
+    ready.ok();
     let path = dbus::object_path(OBJECT);
     loop {
         tokio::select! {

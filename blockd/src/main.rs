@@ -60,7 +60,7 @@ enum MainError {
     #[error("serving a connection: {0}")]
     Daemon(vhost_user_backend::Error),
     #[error(transparent)]
-    Dbus(#[from] blockd::dbus::DbusError),
+    Dbus(#[from] flotilla_schema::daemon_start::BusThreadError),
 }
 
 /// Where a drive's frontend connects.
@@ -283,6 +283,8 @@ fn serve_socket(drive: Arc<DriveRuntime>, mut listener: Listener, num_queues: us
         let mut daemon =
             VhostUserDaemon::new("blockd".into(), backend.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
                 .map_err(MainError::Daemon)?;
+        // io_uring completions are reaped by the queue workers themselves.
+        backend.attach(&daemon.get_epoll_handlers())?;
         daemon.start(&mut listener).map_err(MainError::Daemon)?;
         tracing::info!(device = %drive.id, "frontend connected");
         match daemon.wait() {
@@ -374,7 +376,9 @@ fn run() -> Result<(), MainError> {
     }
     drop(done_tx);
     if let Some(fd) = args.ready_fd {
-        report_ready(fd);
+        if let Err(e) = flotilla_schema::daemon_start::report_ready(fd) {
+            tracing::warn!("cannot report readiness on fd {fd}: {e}");
+        }
     }
     match done_rx.recv() {
         Ok((id, e)) => {
@@ -385,17 +389,6 @@ fn run() -> Result<(), MainError> {
         Err(_) => loop {
             std::thread::park();
         },
-    }
-}
-
-/// Writes `ready\n` to the launcher's pipe and closes it.
-fn report_ready(fd: i32) {
-    use std::io::Write;
-    // SAFETY: the launcher passed this descriptor for us alone; nothing else in this process
-    // uses or closes it, so taking ownership (and closing it on drop) is sound.
-    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-    if let Err(e) = f.write_all(b"ready\n") {
-        tracing::warn!("cannot report readiness on fd {fd}: {e}");
     }
 }
 

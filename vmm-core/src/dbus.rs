@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use flotilla_schema::check::QmpError;
 use flotilla_schema::commands::{CpuArgs, MemsaveArgs, MigrateSetDowntimeArgs, MigrateSetSpeedArgs, PmemsaveArgs};
+use flotilla_schema::daemon_start::{spawn_bus_thread, within_connect_timeout, BusThread, BusThreadError, Ready};
 use flotilla_schema::dbus;
 use flotilla_schema::dbus_server::zbus::export::futures_core::Stream;
 use flotilla_schema::dbus_server::zbus::{self, Connection, MatchRule, Message, MessageStream};
@@ -71,17 +72,6 @@ pub const EXPORTED: &[&str] = &[
     "migrate_set_downtime",
     "migrate_set_speed",
 ];
-
-/// How long connecting to the bus (and taking the name) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-pub enum DbusError {
-    #[error("cannot start the D-Bus thread: {0}")]
-    Thread(#[source] std::io::Error),
-    #[error("cannot connect to D-Bus at {address} as {name}: {reason}")]
-    Connect { address: String, name: String, reason: String },
-}
 
 /// Events queued by the machine's callback, and the connection they are emitted on.
 struct EventPump {
@@ -377,14 +367,14 @@ impl VmmCore1Handler for Core {
 /// The D-Bus side of vmm-core, running in its own thread.
 pub struct DbusServer {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    done: std::sync::mpsc::Receiver<()>,
+    thread: BusThread,
     bus_name: String,
 }
 
 impl DbusServer {
     /// Connects to the bus at `address`, serves the interface and takes
     /// `org.flotilla.<instance>.VmmCore`; returns once the name is owned (or failed).
-    pub fn start(vm: Vm, address: &str, instance: &str) -> Result<DbusServer, DbusError> {
+    pub fn start(vm: Vm, address: &str, instance: &str) -> Result<DbusServer, BusThreadError> {
         let bus_name = dbus::bus_name(instance, OBJECT);
         let path = dbus::object_path(OBJECT);
         let pump = Arc::new(EventPump {
@@ -403,35 +393,14 @@ impl DbusServer {
             current_cpu: AtomicUsize::new(0),
             migration: Mutex::new((0, 0.0)),
         });
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let (addr, name) = (address.to_string(), bus_name.clone());
         let block_name = dbus::bus_name(instance, "Block");
-        std::thread::Builder::new()
-            .name("dbus".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(format!("cannot start the tokio runtime: {e}")));
-                        return;
-                    }
-                };
-                rt.block_on(run(core, pump, addr, name, block_name, path, ready_tx, stop_rx));
-                drop(rt);
-                let _ = done_tx.send(());
-            })
-            .map_err(DbusError::Thread)?;
-        let connect_error =
-            |reason: String| DbusError::Connect { address: address.to_string(), name: bus_name.clone(), reason };
-        match ready_rx.recv_timeout(CONNECT_TIMEOUT + Duration::from_secs(1)) {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => return Err(connect_error(reason)),
-            Err(_) => return Err(connect_error("timed out".into())),
-        }
+        let thread = spawn_bus_thread(address, &bus_name, move |ready| {
+            run(core, pump, addr, name, block_name, path, ready, stop_rx)
+        })?;
         tracing::info!(name = %bus_name, "serving org.flotilla.VmmCore1");
-        Ok(DbusServer { stop: Some(stop_tx), done: done_rx, bus_name })
+        Ok(DbusServer { stop: Some(stop_tx), thread, bus_name })
     }
 
     pub fn bus_name(&self) -> &str {
@@ -444,7 +413,7 @@ impl DbusServer {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        if self.done.recv_timeout(timeout).is_err() {
+        if !self.thread.join_within(timeout) {
             tracing::warn!("the D-Bus connection did not close within {timeout:?}");
         }
     }
@@ -499,26 +468,16 @@ async fn run(
     bus_name: String,
     block_name: String,
     path: String,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    ready: Ready,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let iface = match Exported::new(VmmCore1::new(core.clone()), EXPORTED) {
         Ok(i) => i,
-        Err(e) => {
-            let _ = ready.send(Err(e.to_string()));
-            return;
-        }
+        Err(e) => return ready.fail(e.to_string()),
     };
-    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, serve(&address, &bus_name, &path, iface)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            let _ = ready.send(Err(e.to_string()));
-            return;
-        }
-        Err(_) => {
-            let _ = ready.send(Err(format!("no answer within {CONNECT_TIMEOUT:?}")));
-            return;
-        }
+    let conn = match within_connect_timeout(serve(&address, &bus_name, &path, iface)).await {
+        Ok(c) => c,
+        Err(e) => return ready.fail(e),
     };
     let mut blockd = match block_events(&conn, &block_name).await {
         Ok(s) => Some(s),
@@ -528,7 +487,7 @@ async fn run(
         }
     };
     *pump.conn.lock().await = Some(conn.clone());
-    let _ = ready.send(Ok(()));
+    ready.ok();
     loop {
         tokio::select! {
             _ = pump.wake.notified() => pump.flush().await,

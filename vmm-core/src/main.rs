@@ -87,7 +87,9 @@ fn main() -> ExitCode {
         },
     };
     if let Some(fd) = args.ready_fd {
-        report_ready(fd);
+        if let Err(e) = flotilla_schema::daemon_start::report_ready(fd) {
+            tracing::warn!("cannot report readiness on fd {fd}: {e}");
+        }
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
@@ -110,18 +112,6 @@ fn main() -> ExitCode {
             eprintln!("vmm-core: terminating on signal");
             vm.quit_because(EventReason::HostSignal);
         }
-    }
-}
-
-/// Writes `ready\n` to the launcher's pipe and closes it.
-fn report_ready(fd: i32) {
-    use std::io::Write;
-    use std::os::fd::FromRawFd;
-    // SAFETY: the launcher passed this descriptor for us alone; nothing else in this process
-    // uses or closes it, so taking ownership (and closing it on drop) is sound.
-    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-    if let Err(e) = f.write_all(b"ready\n") {
-        tracing::warn!("cannot report readiness on fd {fd}: {e}");
     }
 }
 
