@@ -111,6 +111,34 @@ pub(super) struct Endpoint<H: MsgHeader> {
 }
 
 impl<H: MsgHeader> Endpoint<H> {
+    /// Whether `e` (from a `SocketRetry`) is the expiry of the socket's `SO_RCVTIMEO` /
+    /// `SO_SNDTIMEO` (`opt`) rather than a signal or a non-blocking socket with nothing to do:
+    /// a blocking socket with a timeout only fails with EAGAIN when the timeout expired. The
+    /// `*_all` loops retry a `SocketRetry` forever, which turned a timeout set by the caller
+    /// into a hang on a peer that never answers; a timeout now ends the call.
+    fn timed_out(&self, e: &std::io::Error, opt: libc::c_int) -> bool {
+        if e.raw_os_error() != Some(libc::EAGAIN) {
+            return false;
+        }
+        let mut tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        };
+        let mut len = mem::size_of::<libc::timeval>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `tv`, a valid timeval on our
+        // stack; the fd is this endpoint's open socket.
+        let r = unsafe {
+            libc::getsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &mut tv as *mut libc::timeval as *mut c_void,
+                &mut len,
+            )
+        };
+        r == 0 && (tv.tv_sec != 0 || tv.tv_usec != 0)
+    }
+
     /// Create a new stream by connecting to server at `str`.
     ///
     /// # Return:
@@ -172,6 +200,9 @@ impl<H: MsgHeader> Endpoint<H> {
             match sent {
                 Ok(0) => return Ok(data_sent),
                 Ok(n) => data_sent += n,
+                Err(Error::SocketRetry(e)) if self.timed_out(&e, libc::SO_SNDTIMEO) => {
+                    return Err(Error::SocketRetry(e))
+                }
                 Err(e) => match e {
                     Error::SocketRetry(_) => {}
                     _ => return Err(e),
@@ -402,6 +433,9 @@ impl<H: MsgHeader> Endpoint<H> {
                         rfds = fds;
                     }
                     data_read += n;
+                }
+                Err(Error::SocketRetry(e)) if self.timed_out(&e, libc::SO_RCVTIMEO) => {
+                    return Err(Error::SocketRetry(e))
                 }
                 Err(e) => match e {
                     Error::SocketRetry(_) => {}
@@ -663,6 +697,22 @@ mod tests {
         // accept on a fd without incoming connection
         let conn = listener.accept().unwrap();
         assert!(conn.is_none());
+    }
+
+    #[test]
+    fn a_receive_timeout_ends_a_read_from_a_silent_peer() {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+            .unwrap();
+        let mut ep = Endpoint::<VhostUserMsgHeader<FrontendReq>>::from_stream(a);
+        let t0 = std::time::Instant::now();
+        let r = ep.recv_header();
+        assert!(
+            matches!(r, Err(Error::SocketRetry(ref e)) if e.raw_os_error() == Some(libc::EAGAIN)),
+            "{r:?}"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+        drop(b);
     }
 
     #[test]
