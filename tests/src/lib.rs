@@ -8,4 +8,5 @@ pub mod machine;
 pub mod process;
 pub mod pyqmp;
 pub mod qmp;
+pub mod tmpfs;
 pub mod vhost_frontend;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use flotilla_tests::console::{field, Console};
 use flotilla_tests::process::{children, signal, wait_gone};
 use flotilla_tests::qmp::{class, QmpVm, RawQmp, VmOptions, BOOT, REPLY};
+use flotilla_tests::tmpfs::Tmpfs;
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -241,27 +242,6 @@ fn blockd_killed_mid_run_is_restarted_and_the_guest_sees_no_error() {
     assert_eq!(field(&flush, "status"), Some("0"), "{flush}");
     assert_image_pattern(&image, 10, 8, 0x0bad_cafe);
     assert_image_pattern(&image, 20, 8, 0x600d_f00d);
-}
-
-/// A tmpfs mounted for one test, unmounted on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(path).expect("mount point");
-        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(path));
-        Tmpfs(path.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        run(Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0));
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[test]

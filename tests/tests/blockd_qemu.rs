@@ -10,6 +10,7 @@
 use flotilla_tests::console::Console;
 use flotilla_tests::machine::TempDir;
 use flotilla_tests::process::{signal, wait_timeout, Collector, Reaper};
+use flotilla_tests::tmpfs::Tmpfs;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -706,27 +707,6 @@ fn cache_none_opens_the_image_with_o_direct() {
     let mut got = vec![0u8; LEN];
     std::fs::File::open(&image).unwrap().read_exact_at(&mut got, 3 * MIB).unwrap();
     assert!(got.iter().all(|&b| b == b'D'));
-}
-
-/// A tmpfs mounted for one test, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(path).expect("mount point");
-        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(path));
-        Tmpfs(path.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        run(Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0));
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[test]
