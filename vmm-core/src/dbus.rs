@@ -507,6 +507,9 @@ async fn run(
     // `quit`) send their replies before the connection goes.
     pump.flush().await;
     pump.conn.lock().await.take();
+    // The subscription holds a clone of the connection; graceful_shutdown waits for every
+    // clone to go, so drop it first (or every exit waits out the timeout).
+    drop(blockd);
     if tokio::time::timeout(Duration::from_secs(2), conn.graceful_shutdown()).await.is_err() {
         tracing::warn!("D-Bus calls still in flight at exit");
     }
