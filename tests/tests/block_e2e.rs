@@ -318,3 +318,50 @@ fn a_hostile_guest_gets_errors_and_blockd_keeps_serving() {
         assert_image_pattern(&image, 100 + 8 * i, 8, 0x7000_0000 | i as u32);
     }
 }
+
+/// qemu-storage-daemon, QEMU's own vhost-user-blk export, as the backend of a vhost-user-blk-pci
+/// device on vmm-core: `-chardev socket,path=...` + `-device vhost-user-blk-pci,chardev=...`.
+#[test]
+fn qemu_storage_daemon_serves_a_vhost_user_blk_pci_device_on_vmm_core() {
+    let dir = flotilla_tests::machine::TempDir::new("blk-qsd");
+    let image = dir.path("qsd.raw");
+    sparse_image(&image, 8 * MIB);
+    let sock = dir.path("qsd.sock");
+    let mut qsd = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=f,filename={}", image.display()))
+        .arg("--export")
+        .arg(format!("type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on", sock.display()))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon (scripts/setup-host installs qemu-system-x86, which brings it)");
+    let deadline = Instant::now() + REPLY;
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "qemu-storage-daemon did not create {}", sock.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let chardev = format!("socket,id=qsd0,path={}", sock.display());
+    let vm = QmpVm::start(
+        "blk-qsd",
+        &VmOptions {
+            name: "blk-qsd",
+            qmp: &[true],
+            extra: &["-chardev", &chardev, "-device", "vhost-user-blk-pci,chardev=qsd0,id=ext0"],
+        },
+    );
+    let mut con = vm.console_ready();
+    let blk = guest_blk(&mut con);
+    assert_eq!(capacity(&blk), 8 * MIB / SECTOR, "{blk}");
+    blkwrite(&mut con, 64, 16, 0x0051_d000);
+    blkcheck(&mut con, 64, 16, 0x0051_d000);
+    let qd = con.command("blkqd 8 512 128", "BLKQD", REPLY).expect("blkqd");
+    assert!(qd.ends_with(" ok"), "{qd}");
+    let flush = con.command("blkflush", "BLKFLUSH", REPLY).expect("blkflush");
+    assert_eq!(field(&flush, "status"), Some("0"), "{flush}");
+    assert_image_pattern(&image, 64, 16, 0x0051_d000);
+    assert!(blockd_pid(&vm, None, Duration::from_millis(100)).is_none(), "no blockd for an external backend");
+    drop(con);
+    drop(vm);
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+}
