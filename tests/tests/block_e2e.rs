@@ -5,8 +5,10 @@
 //! read back and found in the image on the host, `block_resize` reaches the guest as a
 //! config-change interrupt, `blockdev-snapshot-sync` switches to an overlay under the running
 //! guest (`qemu-img check` clean afterwards), errors carry the seed's classes, a SIGKILLed
-//! blockd is restarted and reconnected without the guest seeing an error, and `werror=stop`
-//! turns ENOSPC into the `io-error` run state until `cont` retries the write.
+//! blockd is restarted and reconnected without the guest seeing an error, `werror=stop`
+//! turns ENOSPC into the `io-error` run state until `cont` retries the write, malformed
+//! descriptor chains from the guest get errors while blockd keeps serving, and
+//! qemu-storage-daemon works as the backend of `-device vhost-user-blk-pci`.
 //!
 //! Every wait is bounded; a failing test kills what it started.
 
