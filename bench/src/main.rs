@@ -1,6 +1,7 @@
 //! flotilla-bench: Flotilla against qemu-system-x86_64, side by side in one run, on the same
 //! test guest (see bench/README.md). JSON report on stdout, a short table on stderr.
 
+mod balloon;
 mod block;
 mod dbusprobe;
 mod error;
@@ -31,6 +32,7 @@ use vmproc::Spec;
 const USAGE: &str = "\
 usage: flotilla-bench [all|boot|memory|qmp] [options]
        flotilla-bench block [options]   (see flotilla-bench block --help)
+       flotilla-bench balloon [options] (see flotilla-bench balloon --help)
 
   all (default)   boot times, memory overhead, then QMP round trips
   boot            process start -> the guest's first serial line and READY, N interleaved runs
@@ -517,6 +519,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().is_some_and(|a| a == "block") {
         return block::main(&args[1..]);
+    }
+    if args.first().is_some_and(|a| a == "balloon") {
+        return balloon::main(&args[1..]);
     }
     let opts = match parse_args(&args) {
         Ok(Some(o)) => o,
