@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -31,6 +31,8 @@ pub const CONFIG_LEN: usize = 60;
 pub enum BackendError {
     #[error("creating the exit event of worker {0}: {1}")]
     ExitEvent(usize, #[source] io::Error),
+    #[error("adding the io_uring completion eventfd to worker {0}'s epoll: {1}")]
+    AttachCompletions(usize, #[source] io::Error),
 }
 
 /// One drive's backend. Cloned into every worker thread; per-connection state lives here and
@@ -72,6 +74,26 @@ impl BlockBackend {
         for (_, notifier) in &self.inner.exit {
             let _ = notifier.notify();
         }
+    }
+
+    /// The event id of the drive's io_uring completion eventfd in every worker's epoll (ids up
+    /// to `num_queues` are the library's: queues and the exit event).
+    fn completion_event(&self) -> u16 {
+        // `num_queues` is at most 64 (checked when parsed), so this fits.
+        u16::try_from(self.inner.num_queues + 1).unwrap_or(u16::MAX)
+    }
+
+    /// Has every queue worker of this connection reap the drive's io_uring completions
+    /// itself: the request is then submitted and completed on the thread that popped it, with
+    /// no wake-up of another thread in between. Call it once the daemon is made, before it
+    /// starts serving.
+    pub fn attach(&self, handlers: &[Arc<VringEpollHandler<BlockBackend>>]) -> Result<(), BackendError> {
+        let Some(fd) = self.inner.drive.completion_fd() else { return Ok(()) };
+        for (i, h) in handlers.iter().enumerate() {
+            h.register_listener(fd, EventSet::IN, u64::from(self.completion_event()))
+                .map_err(|e| BackendError::AttachCompletions(i, e))?;
+        }
+        Ok(())
     }
 
     /// Requests completed on each queue so far in this connection.
@@ -209,21 +231,23 @@ impl VhostUserBackend for BlockBackend {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
+        if device_event == self.completion_event() {
+            self.inner.drive.reap_completions();
+            return Ok(());
+        }
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             return Err(io::Error::other(format!("event for unknown queue {device_event}")));
         };
         let event_idx = *self.inner.event_idx.lock().unwrap_or_else(|p| p.into_inner());
-        if event_idx {
-            // Take chains until the guest adds nothing more while notifications are off.
-            loop {
-                vring.disable_notification().map_err(io::Error::other)?;
-                self.process_queue(thread, vring, true);
-                if !vring.enable_notification().map_err(io::Error::other)? {
-                    break;
-                }
+        // Take chains until the frontend adds nothing more while notifications are off (with
+        // EVENT_IDX: avail_event not advanced; without: VRING_USED_F_NO_NOTIFY set), so a
+        // frontend that adds requests while a batch is being submitted need not kick for them.
+        loop {
+            vring.disable_notification().map_err(io::Error::other)?;
+            self.process_queue(thread, vring, event_idx);
+            if !vring.enable_notification().map_err(io::Error::other)? {
+                break;
             }
-        } else {
-            self.process_queue(thread, vring, false);
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
@@ -14,7 +14,6 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemoryLoadGuard, GuestMemoryMmap};
 
-use std::sync::Condvar;
 use std::time::Instant;
 
 use vm_memory::{Bytes, GuestMemoryBackend};
@@ -63,7 +62,7 @@ fn guest_iovecs(req: &Request, io: &FastIo, align: usize) -> Option<Vec<libc::io
 type Deferred = (Option<(usize, usize)>, VringRwLock, bool);
 
 thread_local! {
-    /// Queues completed on this thread (the ring thread) whose interrupt is deferred to the end
+    /// Queues completed on this thread (the one reaping io_uring) whose interrupt is deferred to the end
     /// of the batch, each once.
     static DEFERRED: std::cell::RefCell<Vec<Deferred>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -197,8 +196,7 @@ pub struct DriveRuntime {
     uring: Option<Uring>,
     /// io_uring operations submitted and not completed: resize and snapshot wait for zero
     /// (with the image held exclusively, so no new ones start) before touching the image.
-    inflight: Mutex<usize>,
-    idle: Condvar,
+    inflight: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -223,8 +221,7 @@ impl DriveRuntime {
             events: Mutex::new(None),
             backend_req: Mutex::new(None),
             uring,
-            inflight: Mutex::new(0),
-            idle: Condvar::new(),
+            inflight: AtomicUsize::new(0),
         })
     }
 
@@ -233,12 +230,38 @@ impl DriveRuntime {
         self.uring.is_some()
     }
 
-    /// Waits until no io_uring operation is in flight. Called with the image held
-    /// exclusively, so none can start meanwhile.
+    /// Waits until no io_uring operation is in flight, running their completions itself
+    /// (the queue threads that normally reap may be waiting for the image, or gone with
+    /// their connection). Called with the image held exclusively, so none can start
+    /// meanwhile.
     fn drain_uring(&self) {
-        let mut n = lock(&self.inflight);
-        while *n > 0 {
-            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+        let Some(u) = &self.uring else { return };
+        let started = Instant::now();
+        let mut warned = false;
+        while self.inflight.load(Ordering::Acquire) > 0 {
+            // Submits what a queue thread queued before it stopped for the image.
+            u.flush();
+            u.wait_and_reap(std::time::Duration::from_millis(10));
+            flush_deferred_signals();
+            if !warned && started.elapsed() > std::time::Duration::from_secs(5) {
+                tracing::warn!(device = %self.id, in_flight = self.inflight.load(Ordering::Relaxed), "io_uring operations slow to complete");
+                warned = true;
+            }
+        }
+    }
+
+    /// The eventfd that is readable when io_uring completions wait: the backend registers it
+    /// with each queue worker's epoll and calls [`DriveRuntime::reap_completions`] on it.
+    pub fn completion_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.uring.as_ref().map(Uring::event_fd)
+    }
+
+    /// Completes the requests whose io_uring operations finished (used ring, status, data),
+    /// then interrupts each queue once. Runs on a queue worker thread.
+    pub fn reap_completions(&self) {
+        if let Some(u) = &self.uring {
+            u.reap();
+            flush_deferred_signals();
         }
     }
 
@@ -269,12 +292,16 @@ impl DriveRuntime {
             }
         }
         let bounced = iov.is_empty();
-        *lock(&self.inflight) += 1;
+        self.inflight.fetch_add(1, Ordering::AcqRel);
         let rt = self.clone();
         let started = Instant::now();
         let kind = if io.write { OpKind::Write } else { OpKind::Read };
         let (offset, len) = (io.offset, io.len);
-        uring.queue(Op {
+        // Submitted at once, not at the end of the batch of chains: the device starts on the
+        // first request while the next are parsed (measured on 4 KiB QD32 random reads: p50
+        // latency 490 against 600 µs, 1.28–1.44× qemu-storage-daemon against 1.11–1.15×,
+        // for one system call per request instead of per batch; qsd does the same).
+        uring.submit(Op {
             kind,
             fd,
             offset,
@@ -289,7 +316,7 @@ impl DriveRuntime {
         Ok(())
     }
 
-    /// On the ring thread: data to the guest, status, used ring, interrupt; or the policy.
+    /// On the reaping thread: data to the guest, status, used ring, interrupt; or the policy.
     fn uring_done(
         &self,
         req: Request,
@@ -350,11 +377,7 @@ impl DriveRuntime {
     }
 
     fn uring_finished(&self) {
-        let mut n = lock(&self.inflight);
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            self.idle.notify_all();
-        }
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Where BLOCK_IO_ERROR events go.
@@ -377,16 +400,16 @@ impl DriveRuntime {
         lock(&self.held).len()
     }
 
-    /// Has the ring submit the requests [`DriveRuntime::submit`] queued (once per batch of
-    /// chains popped from a queue).
+    /// Submits anything still queued to io_uring (once per batch of chains popped from a
+    /// queue; requests are submitted as they come, so this is normally no system call).
     pub fn flush_submissions(&self) {
         if let Some(u) = &self.uring {
-            u.wake();
+            u.flush();
         }
     }
 
-    /// Runs a request: a plain read or write of a raw image through io_uring (queued: call
-    /// [`DriveRuntime::flush_submissions`] after the batch), anything else on the I/O pool.
+    /// Runs a request: a plain read or write of a raw image through io_uring (submitted at
+    /// once; completed by whoever reaps the ring), anything else on the I/O pool.
     pub fn submit(self: &Arc<Self>, req: Request) {
         let Err(req) = self.try_uring(req) else { return };
         let rt = self.clone();
@@ -468,6 +491,8 @@ impl DriveRuntime {
     /// Forgets held requests of a connection that ended (the frontend resubmits what it did
     /// not see completed after it reconnects).
     pub fn drop_held(&self) {
+        // Their completions go to the old queues, harmlessly; nobody else would reap them.
+        self.drain_uring();
         let n = std::mem::take(&mut *lock(&self.held)).len();
         if n > 0 {
             tracing::warn!(device = %self.id, requests = n, "frontend left with requests held");
