@@ -13,6 +13,7 @@
 //!   snapshot switching, config-change notification.
 //! - [`backend`]: the `VhostUserBackend` (features, config space, queue workers).
 //! - [`service`] and [`dbus`]: the QMP block commands, BLOCK_IO_ERROR, RESUME.
+//! - [`state`]: the images drives were switched to, kept for a restarted blockd.
 
 pub mod backend;
 pub mod dbus;
@@ -22,6 +23,7 @@ pub mod policy;
 pub mod pool;
 pub mod request;
 pub mod service;
+pub mod state;
 pub mod stats;
 pub mod uring;
 

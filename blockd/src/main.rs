@@ -61,6 +61,8 @@ enum MainError {
     Daemon(vhost_user_backend::Error),
     #[error(transparent)]
     Dbus(#[from] flotilla_schema::daemon_start::BusThreadError),
+    #[error("the recorded images: {0}")]
+    State(#[from] blockd::state::StateError),
 }
 
 /// Where a drive's frontend connects.
@@ -316,11 +318,26 @@ fn run() -> Result<(), MainError> {
     }
     // (drive config, where its frontend connects)
     let mut drives: Vec<(DriveConfig, Option<SocketSpec>)> = Vec::new();
+    let mut state_file = None;
     match (args.config, args.drive) {
         (Some(cfg), None) if args.socket.is_none() => {
             if args.dbus.is_none() {
                 return Err(MainError::Usage("--config-json needs --dbus-address and --instance".into()));
             }
+            let mut cfg = cfg;
+            // A blockd restarted after a snapshot goes on with the overlays it recorded.
+            if let Some(path) = &cfg.state_file {
+                match blockd::state::State::load(path) {
+                    Ok(Some(state)) => {
+                        for id in state.apply(&mut cfg.drives) {
+                            tracing::info!(device = %id, state = %path.display(), "using the image recorded before the restart");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            state_file = cfg.state_file.clone();
             for d in cfg.drives {
                 let s = d.socket.clone().map(SocketSpec::Path);
                 drives.push((d, s));
@@ -355,7 +372,7 @@ fn run() -> Result<(), MainError> {
         runtimes.push(rt);
     }
     flush_and_exit_on_signal(signals, runtimes.clone());
-    let svc = Arc::new(BlockService::new(runtimes));
+    let svc = Arc::new(BlockService::new(runtimes).with_state_file(state_file));
     let _dbus = match &args.dbus {
         Some((address, instance)) => Some(DbusServer::start(svc.clone(), address, instance)?),
         None => None,

@@ -2,7 +2,7 @@
 //! schema names and QEMU 7.2's wording where the recorded transcripts show it. Plain blocking
 //! methods: the D-Bus glue ([`crate::dbus`]) runs them off its async thread.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flotilla_schema::check::QmpError;
@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::disk::Format;
 use crate::engine::{DriveRuntime, ResizeError, SnapshotError};
 use crate::policy::IoStatus;
+use crate::state::{DriveImage, State};
 use crate::stats::Snapshot;
 
 /// The commands blockd implements (its interface less the QOM commands).
@@ -21,6 +22,8 @@ pub const EXPORTED: &[&str] =
 
 pub struct BlockService {
     pub drives: Vec<Arc<DriveRuntime>>,
+    /// Where the drives' current images are recorded after a snapshot (see [`crate::state`]).
+    state_file: Option<PathBuf>,
 }
 
 fn with_data(class: &str, desc: impl Into<String>, data: serde_json::Value) -> QmpError {
@@ -49,7 +52,34 @@ fn stats_of(s: &Snapshot) -> BlockDeviceStats {
 
 impl BlockService {
     pub fn new(drives: Vec<Arc<DriveRuntime>>) -> BlockService {
-        BlockService { drives }
+        BlockService { drives, state_file: None }
+    }
+
+    /// Records every drive's image in `path` after each snapshot.
+    pub fn with_state_file(mut self, path: Option<PathBuf>) -> BlockService {
+        self.state_file = path;
+        self
+    }
+
+    /// Writes the drives' current images to the state file, if there is one. A failure is
+    /// logged: the snapshot stands, only a restarted blockd would not know about it.
+    fn record_images(&self) {
+        let Some(path) = &self.state_file else { return };
+        let drives = self
+            .drives
+            .iter()
+            .map(|d| {
+                let image = d.image.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let format = match image.format {
+                    Format::Raw => vm_config::DriveFormat::Raw,
+                    Format::Qcow2 => vm_config::DriveFormat::Qcow2,
+                };
+                DriveImage { id: d.id.clone(), file: image.file, format }
+            })
+            .collect();
+        if let Err(e) = (State { drives }).save(path) {
+            tracing::error!("a restarted blockd would reopen the old images: {e}");
+        }
     }
 
     fn find(&self, device: &str) -> Result<&Arc<DriveRuntime>, QmpError> {
@@ -173,7 +203,9 @@ impl BlockService {
             match e {
                 SnapshotError::Create { .. } | SnapshotError::Open { .. } => open_failed(),
             }
-        })
+        })?;
+        self.record_images();
+        Ok(())
     }
 
     /// No drive here is encrypted (qcow2 AES and LUKS are not supported).

@@ -13,6 +13,8 @@ use crate::devices::{Backend, DeviceSet, DEFAULT_NUM_QUEUES};
 
 /// The runtime directory's subdirectory for vhost-user sockets.
 pub const SOCKET_DIR: &str = "vhost-user";
+/// blockd's record of the images it switched to, in the runtime directory (removed with it).
+pub const BLOCKD_STATE_FILE: &str = "blockd-state.json";
 pub const BALLOON_SOCKET: &str = "balloon.sock";
 
 /// What the launcher hands out.
@@ -76,6 +78,7 @@ pub fn plan(set: &DeviceSet, formats: &[DriveFormat], runtime: &Path, mem_bytes:
                 }
             })
             .collect(),
+        state_file: Some(runtime.join(BLOCKD_STATE_FILE)),
     });
     DevicePlan { vhost_user_devices: devices, blockd, balloond }
 }

@@ -367,3 +367,60 @@ fn qemu_storage_daemon_serves_a_vhost_user_blk_pci_device_on_vmm_core() {
     let _ = qsd.kill();
     let _ = qsd.wait();
 }
+
+/// After blockdev-snapshot-sync the drive's image is the overlay; a blockd that dies then is
+/// restarted by the launcher with the VM's original config, and must go on with the overlay
+/// (recorded in the runtime directory), not reopen the base image under it.
+#[test]
+fn a_blockd_restarted_after_a_snapshot_goes_on_with_the_overlay() {
+    let dir = flotilla_tests::machine::TempDir::new("blk-snap-restart");
+    let image = dir.path("base.raw");
+    sparse_image(&image, 8 * MIB);
+    let overlay = dir.path("overlay.qcow2");
+    let drive = format!("file={},if=virtio,format=raw,id=d0", image.display());
+    let vm = QmpVm::start("blk-snap-rs", &VmOptions { name: "blk-snap-rs", qmp: &[true], extra: &["-drive", &drive] });
+    let mut con = vm.console_ready();
+    let mut q = qmp(&vm);
+    guest_blk(&mut con);
+    blkwrite(&mut con, 10, 8, 0xaaaa_0001);
+    let snap = json!({"device": "d0", "snapshot-file": overlay.display().to_string(), "format": "qcow2"});
+    assert_eq!(ok(&mut q, "blockdev-snapshot-sync", snap), json!({}));
+    blkwrite(&mut con, 20, 8, 0xbbbb_0002);
+    // Make the overlay's write durable first: imago keeps qcow2 metadata (the new cluster's
+    // L2 entry) in blockd's memory until a flush, so a SIGKILL before one loses the mapping
+    // (a raw image's writes are in the page cache and survive).
+    let flush = con.command("blkflush", "BLKFLUSH", REPLY).expect("blkflush");
+    assert_eq!(field(&flush, "status"), Some("0"), "{flush}");
+    let first = blockd_pid(&vm, None, BOOT).expect("blockd runs");
+    signal(first, libc::SIGKILL);
+    assert!(wait_gone(first, Duration::from_secs(5)), "blockd survived SIGKILL");
+    blkwrite(&mut con, 30, 8, 0xcccc_0003);
+    let second = blockd_pid(&vm, Some(first), Duration::from_secs(5)).expect("blockd restarted");
+    assert_ne!(first, second);
+    for (sector, pattern) in [(10, 0xaaaa_0001), (20, 0xbbbb_0002), (30, 0xcccc_0003)] {
+        blkcheck(&mut con, sector, 8, pattern);
+    }
+    let blocks = ok(&mut q, "query-block", json!({}));
+    assert_eq!(blocks[0]["inserted"]["file"], overlay.display().to_string(), "{blocks}");
+    assert_eq!(blocks[0]["inserted"]["backing_file"], image.display().to_string(), "{blocks}");
+    let flush = con.command("blkflush", "BLKFLUSH", REPLY).expect("blkflush");
+    assert_eq!(field(&flush, "status"), Some("0"), "{flush}");
+    let mut vm = vm;
+    let core = vm.vmm_core();
+    ok(&mut q, "quit", json!({}));
+    vm.assert_exits_0_and_cleaned_up(core);
+    // The base image holds only what was written before the snapshot.
+    assert_image_pattern(&image, 10, 8, 0xaaaa_0001);
+    let f = std::fs::File::open(&image).expect("image");
+    for (sector, pattern) in [(20u64, 0xbbbb_0002u32), (30, 0xcccc_0003)] {
+        let mut buf = vec![0u8; SECTOR as usize];
+        f.read_exact_at(&mut buf, sector * SECTOR).expect("read");
+        assert_ne!(buf, sector_bytes(pattern, sector), "sector {sector} reached the base image");
+    }
+    run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&overlay));
+    let flat = dir.path("flat.raw");
+    run(Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&overlay).arg(&flat));
+    for (sector, pattern) in [(10, 0xaaaa_0001), (20, 0xbbbb_0002), (30, 0xcccc_0003)] {
+        assert_image_pattern(&flat, sector, 8, pattern);
+    }
+}

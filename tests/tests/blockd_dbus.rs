@@ -210,6 +210,7 @@ fn blockd_answers_the_qmp_block_commands_over_dbus() {
             DriveConfig { werror: ErrorAction::Report, ..drive("d1", &top, DriveFormat::Qcow2, false) },
             drive("d2", &ro, DriveFormat::Raw, true),
         ],
+        state_file: None,
     };
     let (mut blockd, mut log) = start_blockd(&dir, &bus, "blk-dbus", &cfg);
     let name = dbus::bus_name("blk-dbus", "Block");
@@ -324,7 +325,8 @@ fn blockd_answers_the_qmp_block_commands_over_dbus() {
 fn blockd_config_errors_are_clear() {
     let dir = TempDir::new("blockd-dbus-bad");
     let bus = Bus::start(&dir);
-    let cfg = BlockdConfig { drives: vec![drive("d0", &dir.path("missing.raw"), DriveFormat::Raw, false)] };
+    let cfg =
+        BlockdConfig { drives: vec![drive("d0", &dir.path("missing.raw"), DriveFormat::Raw, false)], state_file: None };
     let out = Command::new(&binaries().blockd)
         .arg("--config-json")
         .arg(cfg.to_json())

@@ -544,7 +544,8 @@ fn drive_starts_blockd_which_is_restarted_after_sigkill_and_cleaned_up() {
                 serial: None,
                 socket: Some(socket.clone()),
                 num_queues: 1,
-            }]
+            }],
+            state_file: Some(runtime.join("blockd-state.json")),
         }
     );
     assert!(arg_after(&args, "--dbus-address").starts_with(&format!("unix:path={}/bus", runtime.display())));

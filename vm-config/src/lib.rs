@@ -154,6 +154,11 @@ pub struct DriveConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockdConfig {
     pub drives: Vec<DriveConfig>,
+    /// Where blockd records the image each drive was switched to (blockdev-snapshot-sync), so
+    /// that a blockd restarted with this same config goes on with the overlay, not the image
+    /// the VM started with. The launcher puts it in the instance's runtime directory.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 /// What balloond serves for one VM (`balloond --config-json`).
