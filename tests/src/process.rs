@@ -79,8 +79,7 @@ fn build_binaries(profile_dir: &Path) {
     for p in PACKAGES {
         cmd.args(["-p", p]);
     }
-    cmd.arg("--manifest-path")
-        .arg(workspace.join("Cargo.toml"));
+    cmd.arg("--manifest-path").arg(workspace.join("Cargo.toml"));
     let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
     match profile.as_str() {
         "debug" => {}
@@ -102,10 +101,8 @@ fn build_binaries(profile_dir: &Path) {
         }
     }
     let started = Instant::now();
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run cargo to build {PACKAGES:?}: {e}"));
+    let out =
+        cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run cargo to build {PACKAGES:?}: {e}"));
     assert!(
         out.status.success(),
         "cargo build of {PACKAGES:?} failed ({}):\n{}",
@@ -282,6 +279,38 @@ impl Drop for Reaper {
                 // SAFETY: as in `signal`.
                 unsafe { libc::kill(p, libc::SIGKILL) };
             }
+        }
+    }
+}
+
+/// Starts `cmd` (a Flotilla daemon) with `--ready-fd N` appended and its stderr collected, and
+/// waits up to `timeout` for the `ready` line the launcher waits for; kills it and panics with
+/// its log if it does not come.
+pub fn spawn_ready(cmd: &mut Command, marker: &str, timeout: Duration) -> (Reaper, Collector) {
+    use std::os::fd::AsRawFd;
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    let child = cmd
+        .args(["--ready-fd", &w.as_raw_fd().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    drop(w);
+    let mut reaper = Reaper::new(child, marker);
+    let mut log = Collector::new(reaper.child().stderr.take().expect("stderr"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // One line, not EOF: a child spawned meanwhile by another test may hold the write end.
+        let mut s = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(std::fs::File::from(r)), &mut s);
+        let _ = tx.send(s);
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(s) if s == "ready\n" => (reaper, log),
+        other => {
+            let _ = reaper.child().kill();
+            panic!("{cmd:?} did not report ready ({other:?}):\n{}", log.take());
         }
     }
 }

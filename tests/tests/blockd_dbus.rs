@@ -9,7 +9,6 @@
 //! The guest I/O that makes blockd hold a request and retry it on RESUME is in
 //! `blockd_qemu.rs` (QEMU as the frontend, ENOSPC on a tmpfs). Every wait is bounded.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use flotilla_schema::dbus::{self, parse_error_message, EVENTS_INTERFACE, EVENT_S
 use flotilla_schema::dbus_server::zbus::export::futures_core::Stream;
 use flotilla_schema::dbus_server::zbus::{self, Connection, MatchRule, MessageStream};
 use flotilla_tests::machine::{boot, guest_config, TempDir};
-use flotilla_tests::process::{binaries, wait_timeout, Collector, Reaper};
+use flotilla_tests::process::{binaries, spawn_ready, wait_timeout, Collector, Reaper};
 use serde_json::{json, Value};
 use vm_config::{BlockdConfig, CacheMode, DriveConfig, DriveFormat, ErrorAction};
 use vmm_core::{RunState, VmEventKind};
@@ -155,36 +154,12 @@ fn drive(id: &str, file: &Path, format: DriveFormat, readonly: bool) -> DriveCon
 
 /// blockd started the launcher's way; returns once it wrote `ready` on its pipe.
 fn start_blockd(dir: &TempDir, bus: &Bus, instance: &str, cfg: &BlockdConfig) -> (Reaper, Collector) {
-    let (r, w) = nix::unistd::pipe().expect("pipe");
-    let child = Command::new(&binaries().blockd)
-        .arg("--config-json")
+    let mut cmd = Command::new(&binaries().blockd);
+    cmd.arg("--config-json")
         .arg(cfg.to_json())
         .args(["--dbus-address", &bus.address, "--instance", instance])
-        .args(["--ready-fd", &w.as_raw_fd().to_string()])
-        .env("BLOCKD_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning blockd");
-    drop(w);
-    let mut reaper = Reaper::new(child, &dir.0.display().to_string());
-    let mut log = Collector::new(reaper.child().stderr.take().expect("stderr"));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        // One line, not EOF: a child spawned meanwhile by another test may hold the write end.
-        let mut s = String::new();
-        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(std::fs::File::from(r)), &mut s);
-        let _ = tx.send(s);
-    });
-    match rx.recv_timeout(START) {
-        Ok(s) if s == "ready\n" => {}
-        other => {
-            let _ = reaper.child().kill();
-            panic!("blockd did not report ready ({other:?}):\n{}", log.take());
-        }
-    }
-    (reaper, log)
+        .env("BLOCKD_LOG", "info");
+    spawn_ready(&mut cmd, &dir.0.display().to_string(), START)
 }
 
 fn class(e: &Value) -> &str {

@@ -9,7 +9,7 @@
 
 use flotilla_tests::console::Console;
 use flotilla_tests::machine::TempDir;
-use flotilla_tests::process::{signal, wait_timeout, Collector, Reaper};
+use flotilla_tests::process::{signal, spawn_ready, wait_timeout, Collector, Reaper};
 use flotilla_tests::tmpfs::Tmpfs;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -84,36 +84,9 @@ impl Blockd {
     /// `ready` on its --ready-fd pipe (socket listening, bus name owned).
     fn start_with(dir: &TempDir, drive: &str, extra: &[&str]) -> Blockd {
         let socket = dir.path("vub.sock");
-        let (r, w) = nix::unistd::pipe().expect("pipe");
-        let child = Command::new(blockd_bin())
-            .arg("--socket-path")
-            .arg(&socket)
-            .args(["--drive", drive])
-            .args(extra)
-            .args(["--ready-fd", &w.as_raw_fd().to_string()])
-            .env("BLOCKD_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning blockd");
-        drop(w);
-        let mut reaper = Reaper::new(child, &dir.0.display().to_string());
-        let mut log = Collector::new(reaper.child().stderr.take().expect("stderr"));
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // One line, not EOF: a child spawned meanwhile by another test may hold the write end.
-            let mut s = String::new();
-            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(std::fs::File::from(r)), &mut s);
-            let _ = tx.send(s);
-        });
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(s) if s == "ready\n" => {}
-            other => {
-                let _ = reaper.child().kill();
-                panic!("blockd did not report ready ({other:?}):\n{}", log.take());
-            }
-        }
+        let mut cmd = Command::new(blockd_bin());
+        cmd.arg("--socket-path").arg(&socket).args(["--drive", drive]).args(extra).env("BLOCKD_LOG", "info");
+        let (reaper, log) = spawn_ready(&mut cmd, &dir.0.display().to_string(), Duration::from_secs(10));
         Blockd { reaper, log, socket }
     }
 

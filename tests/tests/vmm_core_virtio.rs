@@ -6,15 +6,14 @@
 //! PBA because the test keeps the vector masked. Every wait is bounded.
 
 use flotilla_tests::machine::{guest_config, TempDir};
-use flotilla_tests::process::{binaries, signal, wait_timeout, Collector, Reaper};
+use flotilla_tests::process::{binaries, signal, spawn_ready, wait_timeout, Collector, Reaper};
 use flotilla_tests::vhost_frontend::{
     blk_request, common, config_backend, wait_until, Driver, Queue, FEATURES_OK, VERSION_1, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 };
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use vm_config::{MachineConfig, VhostUserDevice, VirtioKind};
 use vm_memory::{Bytes, GuestAddress};
@@ -35,35 +34,13 @@ struct Blockd {
 
 impl Blockd {
     fn start(dir: &TempDir, socket: &Path, image: &Path) -> Blockd {
-        let (r, w) = nix::unistd::pipe().expect("pipe");
-        let child = Command::new(&binaries().blockd)
-            .arg("--socket-path")
+        let mut cmd = Command::new(&binaries().blockd);
+        cmd.arg("--socket-path")
             .arg(socket)
             .args(["--drive", &format!("file={},format=raw", image.display())])
-            .args(["--ready-fd", &w.as_raw_fd().to_string()])
-            .env("BLOCKD_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning blockd");
-        drop(w);
-        let mut reaper = Reaper::new(child, &dir.0.display().to_string());
-        let log = Collector::new(reaper.child().stderr.take().expect("stderr"));
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(std::fs::File::from(r)), &mut s);
-            let _ = tx.send(s);
-        });
-        let mut b = Blockd { reaper, log };
-        match rx.recv_timeout(WAIT) {
-            Ok(s) if s == "ready\n" => b,
-            other => {
-                let _ = b.reaper.child().kill();
-                panic!("blockd did not report ready ({other:?}):\n{}", b.log.take());
-            }
-        }
+            .env("BLOCKD_LOG", "info");
+        let (reaper, log) = spawn_ready(&mut cmd, &dir.0.display().to_string(), WAIT);
+        Blockd { reaper, log }
     }
 
     fn kill(mut self) {
