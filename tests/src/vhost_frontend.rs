@@ -10,32 +10,10 @@ use vmm_core::Vm;
 
 pub const ECAM: u64 = 0xe000_0000;
 
-/// Device status bits.
-pub const ACKNOWLEDGE: u8 = 1;
-pub const DRIVER: u8 = 2;
-pub const DRIVER_OK: u8 = 4;
-pub const FEATURES_OK: u8 = 8;
-pub const VERSION_1: u64 = 1 << 32;
-
-/// COMMON_CFG offsets.
-pub mod common {
-    pub const DFSELECT: u64 = 0x00;
-    pub const DF: u64 = 0x04;
-    pub const GFSELECT: u64 = 0x08;
-    pub const GF: u64 = 0x0c;
-    pub const MSIX: u64 = 0x10;
-    pub const NUMQ: u64 = 0x12;
-    pub const STATUS: u64 = 0x14;
-    pub const CFGGENERATION: u64 = 0x15;
-    pub const Q_SELECT: u64 = 0x16;
-    pub const Q_SIZE: u64 = 0x18;
-    pub const Q_MSIX: u64 = 0x1a;
-    pub const Q_ENABLE: u64 = 0x1c;
-    pub const Q_NOFF: u64 = 0x1e;
-    pub const Q_DESCLO: u64 = 0x20;
-    pub const Q_AVAILLO: u64 = 0x28;
-    pub const Q_USEDLO: u64 = 0x30;
-}
+/// Device status bits, feature bits and COMMON_CFG offsets: vmm-core's own definitions.
+pub use vmm_core::virtio_pci::common::off as common;
+pub use vmm_core::virtio_pci::features::VERSION_1;
+pub use vmm_core::virtio_pci::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 
 /// Where the driver found each region, as absolute guest-physical addresses.
 #[derive(Debug, Clone, Copy)]
