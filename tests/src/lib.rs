@@ -2,6 +2,7 @@
 //! (built from `tests/guest/` by build.rs), the serial console client that drives it, and a
 //! helper that boots it on vmm-core.
 
+pub mod bus;
 pub mod console;
 pub mod guest;
 pub mod machine;

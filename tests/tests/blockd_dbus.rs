@@ -10,12 +10,13 @@
 //! `blockd_qemu.rs` (QEMU as the frontend, ENOSPC on a tmpfs). Every wait is bounded.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flotilla_schema::dbus::{self, parse_error_message, EVENTS_INTERFACE, EVENT_SIGNAL};
 use flotilla_schema::dbus_server::zbus::export::futures_core::Stream;
 use flotilla_schema::dbus_server::zbus::{self, Connection, MatchRule, MessageStream};
+use flotilla_tests::bus::Bus;
 use flotilla_tests::machine::{boot, guest_config, TempDir};
 use flotilla_tests::process::{binaries, spawn_ready, wait_timeout, Collector, Reaper};
 use serde_json::{json, Value};
@@ -27,54 +28,6 @@ const REPLY: Duration = Duration::from_secs(10);
 const MIB: u64 = 1 << 20;
 const PATH: &str = "/org/flotilla/Block";
 const IFACE: &str = "org.flotilla.Block1";
-
-/// A private dbus-daemon listening in `dir`, killed on drop.
-struct Bus {
-    _reaper: Reaper,
-    address: String,
-}
-
-impl Bus {
-    fn start(dir: &TempDir) -> Bus {
-        let sock = dir.path("bus.sock");
-        let conf = dir.path("bus.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"#,
-                sock.display()
-            ),
-        )
-        .expect("bus config");
-        let child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", conf.display()))
-            .args(["--nofork", "--nopidfile"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dbus-daemon (package dbus)");
-        let reaper = Reaper::new(child, &dir.0.display().to_string());
-        let deadline = Instant::now() + START;
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "dbus-daemon did not create {}", sock.display());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Bus { _reaper: reaper, address: format!("unix:path={}", sock.display()) }
-    }
-}
 
 /// A zbus client on its own runtime.
 struct Client {
@@ -169,7 +122,7 @@ fn class(e: &Value) -> &str {
 #[test]
 fn blockd_answers_the_qmp_block_commands_over_dbus() {
     let dir = TempDir::new("blockd-dbus");
-    let bus = Bus::start(&dir);
+    let bus = Bus::start(&dir, START);
     let raw = dir.path("disk.raw");
     let base = dir.path("base.raw");
     let top = dir.path("top.qcow2");
@@ -299,7 +252,7 @@ fn blockd_answers_the_qmp_block_commands_over_dbus() {
 #[test]
 fn blockd_config_errors_are_clear() {
     let dir = TempDir::new("blockd-dbus-bad");
-    let bus = Bus::start(&dir);
+    let bus = Bus::start(&dir, START);
     let cfg =
         BlockdConfig { drives: vec![drive("d0", &dir.path("missing.raw"), DriveFormat::Raw, false)], state_file: None };
     let out = Command::new(&binaries().blockd)
@@ -335,7 +288,7 @@ fn next_event(rt: &tokio::runtime::Runtime, stream: &mut MessageStream, want: &s
 #[test]
 fn vmm_core_pauses_in_io_error_on_blockds_stop_event() {
     let dir = TempDir::new("blockd-dbus-core");
-    let bus = Bus::start(&dir);
+    let bus = Bus::start(&dir, START);
     let mut b = boot(guest_config(&dir, 1, 64), TempDir::new("blockd-dbus-core-vm"));
     let events = b.vm.subscribe();
     let server = vmm_core::dbus::DbusServer::start(b.vm.clone(), &bus.address, "ioerr").expect("vmm-core on the bus");

@@ -7,6 +7,7 @@
 //! Every wait is bounded: TCG vhost-user-blk has been seen to stall in long runs, so the I/O
 //! here is a few 64 KiB transfers.
 
+use flotilla_tests::bus::Bus;
 use flotilla_tests::console::Console;
 use flotilla_tests::machine::TempDir;
 use flotilla_tests::process::{signal, spawn_ready, wait_timeout, Collector, Reaper};
@@ -414,43 +415,6 @@ use flotilla_schema::dbus_server::zbus::export::futures_core::Stream;
 use flotilla_schema::dbus_server::zbus::{self, Connection, MatchRule, MessageStream};
 use serde_json::{json, Value};
 
-/// A private dbus-daemon listening in `dir`, killed on drop.
-struct Bus {
-    _reaper: Reaper,
-    address: String,
-}
-
-impl Bus {
-    fn start(dir: &TempDir) -> Bus {
-        let sock = dir.path("bus.sock");
-        let conf = dir.path("bus.conf");
-        let xml = format!(
-            "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\" \
-             \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n<busconfig><type>session</type>\
-             <listen>unix:path={}</listen><auth>EXTERNAL</auth><policy context=\"default\">\
-             <allow send_destination=\"*\" eavesdrop=\"true\"/><allow eavesdrop=\"true\"/><allow own=\"*\"/>\
-             </policy></busconfig>\n",
-            sock.display()
-        );
-        std::fs::write(&conf, xml).expect("bus config");
-        let child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", conf.display()))
-            .args(["--nofork", "--nopidfile"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dbus-daemon (package dbus)");
-        let reaper = Reaper::new(child, &dir.0.display().to_string());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "dbus-daemon did not create {}", sock.display());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Bus { _reaper: reaper, address: format!("unix:path={}", sock.display()) }
-    }
-}
-
 /// A zbus client standing in for the gateway (method calls) and vmm-core (RESUME).
 struct Dbus {
     rt: tokio::runtime::Runtime,
@@ -553,7 +517,7 @@ fn block_resize_over_dbus_reaches_the_guest_and_stats_count_its_io() {
     let dir = TempDir::new("blockd-resize");
     let image = dir.path("disk.raw");
     std::fs::File::create(&image).unwrap().set_len(8 * MIB).unwrap();
-    let bus = Bus::start(&dir);
+    let bus = Bus::start(&dir, Duration::from_secs(10));
     let blockd =
         Blockd::start_with(&dir, &format!("file={},format=raw,id=vd0", image.display()), &dbus_args(&bus, "rsz"));
     let c = Dbus::connect(&bus, "rsz");
@@ -605,7 +569,7 @@ fn snapshot_while_the_guest_writes_keeps_every_write() {
     let dir = TempDir::new("blockd-snap");
     let image = dir.path("disk.qcow2");
     run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M"));
-    let bus = Bus::start(&dir);
+    let bus = Bus::start(&dir, Duration::from_secs(10));
     let blockd =
         Blockd::start_with(&dir, &format!("file={},format=qcow2,id=vd0", image.display()), &dbus_args(&bus, "snap"));
     let c = Dbus::connect(&bus, "snap");
@@ -688,7 +652,7 @@ fn enospc_holds_the_write_until_resume_and_nothing_is_lost() {
     let fs = Tmpfs::mount(&dir.path("small"), "1m");
     let image = fs.0.join("disk.raw");
     std::fs::File::create(&image).unwrap().set_len(16 * MIB).unwrap();
-    let bus = Bus::start(&dir);
+    let bus = Bus::start(&dir, Duration::from_secs(10));
     // werror=enospc is the default: ENOSPC stops, anything else would be reported.
     let blockd =
         Blockd::start_with(&dir, &format!("file={},format=raw,id=vd0", image.display()), &dbus_args(&bus, "nospc"));
