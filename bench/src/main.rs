@@ -5,6 +5,7 @@ mod balloon;
 mod block;
 mod dbusprobe;
 mod error;
+mod part;
 mod procfs;
 mod qmp;
 mod qmpreport;

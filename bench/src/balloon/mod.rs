@@ -285,41 +285,5 @@ fn run(o: &Options, command: Vec<String>) -> Result<(Value, String, bool), Bench
 }
 
 pub fn main(args: &[String]) -> ExitCode {
-    let o = match parse_args(args) {
-        Ok(Some(o)) => o,
-        Ok(None) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("flotilla-bench balloon: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if let Err(e) = crate::vmproc::become_subreaper() {
-        eprintln!("flotilla-bench balloon: {}", error::chain(&e));
-        return ExitCode::from(1);
-    }
-    match run(&o, std::env::args().collect()) {
-        Ok((json, table, failed)) => {
-            if o.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-                );
-                eprint!("{table}");
-            } else {
-                print!("{table}");
-            }
-            if failed {
-                eprintln!("flotilla-bench balloon: some rounds failed (see \"failures\")");
-                return ExitCode::from(1);
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("flotilla-bench balloon: {}", error::chain(&e));
-            ExitCode::from(1)
-        }
-    }
+    crate::part::main("balloon", "rounds", USAGE, parse_args(args), |o| o.json, |o| run(o, std::env::args().collect()))
 }
