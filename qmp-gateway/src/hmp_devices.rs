@@ -190,7 +190,7 @@ pub fn parse_size_mib(s: &[u8]) -> Option<(u64, usize)> {
 
 fn whole_bytes(bytes: f64) -> Option<u64> {
     // QEMU refuses sizes that do not fit an int64 (HMP checks val > INT64_MAX).
-    if !bytes.is_finite() || bytes < 0.0 || bytes >= 9.223_372_036_854_775_807e18 {
+    if !bytes.is_finite() || !(0.0..i64::MAX as f64).contains(&bytes) {
         return None;
     }
     Some(bytes as u64)

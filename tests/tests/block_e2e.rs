@@ -94,8 +94,7 @@ fn hmp(q: &mut RawQmp, line: &str) -> String {
 }
 
 fn guest_blk(con: &mut Console) -> String {
-    let l = con.command("blk", "BLK ", REPLY).expect("blk");
-    l
+    con.command("blk", "BLK ", REPLY).expect("blk")
 }
 
 fn blkwrite(con: &mut Console, sector: u64, count: u64, pattern: u32) {
