@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use flotilla_schema::check::QmpError;
 use flotilla_schema::commands::BalloonArgs;
-use flotilla_schema::daemon_start::{spawn_bus_thread, within_connect_timeout, BusThread, BusThreadError, Ready};
+use daemon_start::{spawn_bus_thread, within_connect_timeout, BusThread, BusThreadError, Ready};
 use flotilla_schema::dbus;
 use flotilla_schema::dbus_server::{emit_qmp_event, serve, Balloon1, Balloon1Handler, Exported};
 use flotilla_schema::types::BalloonInfo;

@@ -20,7 +20,7 @@ use std::time::Duration;
 use balloond::backend::{BackendError, BalloonBackend};
 use balloond::dbus::DbusServer;
 use balloond::device::Device;
-use flotilla_schema::daemon_start::{report_ready, BusThreadError};
+use daemon_start::{report_ready, BusThreadError};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_config::BalloondConfig;

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use flotilla_schema::check::QmpError;
 use flotilla_schema::commands::{BlockPasswdArgs, BlockResizeArgs, BlockdevSnapshotSyncArgs};
-use flotilla_schema::daemon_start::{spawn_bus_thread, within_connect_timeout, BusThread, BusThreadError, Ready};
+use daemon_start::{spawn_bus_thread, within_connect_timeout, BusThread, BusThreadError, Ready};
 use flotilla_schema::dbus::{self, EVENTS_INTERFACE, EVENT_SIGNAL};
 use flotilla_schema::dbus_server::zbus::{self, Connection, MatchRule, MessageStream};
 use flotilla_schema::dbus_server::{emit_qmp_event, serve, Block1, Block1Handler, Exported};

@@ -60,7 +60,7 @@ enum MainError {
     #[error("serving a connection: {0}")]
     Daemon(vhost_user_backend::Error),
     #[error(transparent)]
-    Dbus(#[from] flotilla_schema::daemon_start::BusThreadError),
+    Dbus(#[from] daemon_start::BusThreadError),
     #[error("the recorded images: {0}")]
     State(#[from] blockd::state::StateError),
 }
@@ -393,7 +393,7 @@ fn run() -> Result<(), MainError> {
     }
     drop(done_tx);
     if let Some(fd) = args.ready_fd {
-        if let Err(e) = flotilla_schema::daemon_start::report_ready(fd) {
+        if let Err(e) = daemon_start::report_ready(fd) {
             tracing::warn!("cannot report readiness on fd {fd}: {e}");
         }
     }

@@ -12,14 +12,10 @@
 //! * [`dbus`] — D-Bus method names, signatures and introspection XML per daemon interface.
 //! * `dbus_server` (feature `dbus`) — the zbus server glue generated from the schema: a handler
 //!   trait and an interface wrapper per daemon interface, the `QmpEvent` signal.
-//! * `daemon_start` (feature `dbus`) — how a daemon comes up: its bus thread, the connect
-//!   deadline, `--ready-fd`.
 
 pub mod check;
 pub mod commands;
 pub mod dbus;
-#[cfg(feature = "dbus")]
-pub mod daemon_start;
 #[cfg(feature = "dbus")]
 pub mod dbus_server;
 pub mod parse;

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use flotilla_schema::check::QmpError;
 use flotilla_schema::commands::{CpuArgs, MemsaveArgs, MigrateSetDowntimeArgs, MigrateSetSpeedArgs, PmemsaveArgs};
-use flotilla_schema::daemon_start::{spawn_bus_thread, within_connect_timeout, BusThread, BusThreadError, Ready};
+use daemon_start::{spawn_bus_thread, within_connect_timeout, BusThread, BusThreadError, Ready};
 use flotilla_schema::dbus;
 use flotilla_schema::dbus_server::zbus::export::futures_core::Stream;
 use flotilla_schema::dbus_server::zbus::{self, Connection, MatchRule, Message, MessageStream};

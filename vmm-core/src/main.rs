@@ -87,7 +87,7 @@ fn main() -> ExitCode {
         },
     };
     if let Some(fd) = args.ready_fd {
-        if let Err(e) = flotilla_schema::daemon_start::report_ready(fd) {
+        if let Err(e) = daemon_start::report_ready(fd) {
             tracing::warn!("cannot report readiness on fd {fd}: {e}");
         }
     }

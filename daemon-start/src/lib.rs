@@ -1,5 +1,5 @@
 //! How a daemon comes up on the bus and tells the launcher (schema/DBUS.md, "Processes and
-//! their arguments"), shared by vmm-core, blockd and balloond: the D-Bus side runs on its own
+//! their arguments"), shared by vmm-core and every backend daemon: the D-Bus side runs on its own
 //! thread with a current-thread tokio runtime, reports once its name is owned (or why not)
 //! within a deadline, and `--ready-fd` gets `ready\n` once the whole daemon is serving.
 

@@ -1,0 +1,1 @@
+//! Inflight tracking (vhost-user spec, split rings).
