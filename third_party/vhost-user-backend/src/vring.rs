@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::ops::{Deref, DerefMut};
-use std::os::unix::io::{FromRawFd, IntoRawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
 use std::result::Result;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -234,6 +234,21 @@ impl<M: GuestAddressSpace> VringState<M> {
     /// Get the `EventFd` for kick.
     pub fn get_kick(&self) -> &Option<EventConsumer> {
         &self.kick
+    }
+
+    /// Signal the frontend's error eventfd (`VHOST_USER_SET_VRING_ERR`), if it gave one: the
+    /// ring is unusable (e.g. the driver published an impossible available index) and the
+    /// frontend should put the device into a state that needs a reset. Returns whether there
+    /// was an eventfd to signal.
+    pub fn signal_err(&self) -> io::Result<bool> {
+        let Some(err) = &self.err else { return Ok(false) };
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a local buffer to an eventfd this ring owns.
+        let n = unsafe { libc::write(err.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(true)
     }
 
     /// Set `EventFd` for kick.
