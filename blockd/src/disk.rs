@@ -2,9 +2,9 @@
 //! synchronous interface that the I/O threads call.
 //!
 //! raw uses `pread`/`pwrite` on the file; with O_DIRECT (`cache=none`/`directsync`) through
-//! buffers aligned to the file's direct-I/O alignment (probed at open), and a second,
-//! buffered descriptor for the rare request whose offset or length is not aligned (the kernel
-//! keeps the page cache coherent around direct I/O). qcow2 uses imago's `SyncFormatAccess`
+//! buffers aligned to the file's direct-I/O alignment (probed at open), every access direct:
+//! a request whose offset or length is not aligned is a read-modify-write of its aligned
+//! blocks, serialised against other writes of them ([`ranges`]). qcow2 uses imago's `SyncFormatAccess`
 //! (its own current-thread tokio runtime, driven from whichever thread calls it), with the
 //! image's backing chain opened as the image names it, and imago's `direct` open option for
 //! O_DIRECT.
@@ -15,7 +15,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+
+pub mod ranges;
+use ranges::RangeLocks;
 
 use imago::file::File as ImagoFile;
 use imago::format::PreallocateMode;
@@ -110,6 +113,11 @@ pub trait Disk: Send + Sync {
     fn uring_fd(&self) -> Option<(std::os::unix::io::RawFd, usize)> {
         None
     }
+    /// With O_DIRECT: the ranges a write to `uring_fd` must hold (shared) so that no
+    /// read-modify-write of the same blocks runs meanwhile.
+    fn write_ranges(&self) -> Option<Arc<RangeLocks>> {
+        None
+    }
 }
 
 /// How an image file is opened (from `-drive cache=`).
@@ -176,12 +184,60 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// QEMU file-posix's `page_cache_inconsistent`: once fdatasync failed, Linux has marked the
+/// pages it could not write clean (and dropped the error), so a later fdatasync would
+/// "succeed" with the data lost. Every later flush fails with the first error instead. With
+/// O_DIRECT no page cache holds the data and a retry is honest, as in QEMU.
+pub struct StickySync {
+    /// The errno of the failed sync; 0 while none failed.
+    failed: std::sync::atomic::AtomicI32,
+    direct: bool,
+    /// Unit tests: the next sync fails with this errno before reaching the file (0: none).
+    #[cfg(test)]
+    pub inject: std::sync::atomic::AtomicI32,
+}
+
+impl StickySync {
+    pub fn new(direct: bool) -> StickySync {
+        StickySync {
+            failed: std::sync::atomic::AtomicI32::new(0),
+            direct,
+            #[cfg(test)]
+            inject: std::sync::atomic::AtomicI32::new(0),
+        }
+    }
+
+    /// Runs `sync` unless an earlier one failed; remembers its failure.
+    pub fn run(&self, sync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let failed = self.failed.load(Ordering::Acquire);
+        if failed != 0 {
+            return Err(io::Error::from_raw_os_error(failed));
+        }
+        #[cfg(test)]
+        let sync = {
+            let errno = self.inject.swap(0, Ordering::AcqRel);
+            move || if errno != 0 { Err(io::Error::from_raw_os_error(errno)) } else { sync() }
+        };
+        let r = sync();
+        if let Err(e) = &r {
+            if !self.direct {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                self.failed.store(errno, Ordering::Release);
+                tracing::error!("fdatasync failed ({e}): every later flush of this image fails");
+            }
+        }
+        r
+    }
+}
+
 /// A raw image: the file's bytes are the disk's bytes.
 pub struct RawDisk {
     file: File,
-    /// With O_DIRECT: a buffered descriptor for unaligned requests, and the alignment.
-    direct: Option<(File, usize)>,
+    /// With O_DIRECT (`file` is then the O_DIRECT descriptor, the only one): the alignment,
+    /// and the write ranges a read-modify-write must hold alone.
+    direct: Option<(usize, Arc<RangeLocks>)>,
     size: AtomicU64,
+    pub sync: StickySync,
 }
 
 impl RawDisk {
@@ -190,29 +246,71 @@ impl RawDisk {
     }
 
     pub fn open_with(path: &Path, flags: OpenFlags) -> io::Result<RawDisk> {
-        let buffered = OpenOptions::new().read(true).write(!flags.readonly).open(path)?;
-        let size = buffered.metadata()?.len();
         if !flags.direct {
-            return Ok(RawDisk { file: buffered, direct: None, size: AtomicU64::new(size) });
+            let file = OpenOptions::new().read(true).write(!flags.readonly).open(path)?;
+            let size = file.metadata()?.len();
+            return Ok(RawDisk { file, direct: None, size: AtomicU64::new(size), sync: StickySync::new(false) });
         }
-        let direct = OpenOptions::new().read(true).write(!flags.readonly).custom_flags(libc::O_DIRECT).open(path)?;
-        let align = probe_direct_alignment(&direct)?;
+        // Every access of a direct drive is direct: an unaligned request is a read-modify-write
+        // of its aligned blocks on this descriptor, never a buffered write whose page the
+        // kernel could write back over a direct write of the same block.
+        let file = OpenOptions::new().read(true).write(!flags.readonly).custom_flags(libc::O_DIRECT).open(path)?;
+        let size = file.metadata()?.len();
+        let align = probe_direct_alignment(&file)?;
         tracing::debug!(path = %path.display(), align, "opened with O_DIRECT");
-        Ok(RawDisk { file: direct, direct: Some((buffered, align)), size: AtomicU64::new(size) })
+        Ok(RawDisk {
+            file,
+            direct: Some((align, Arc::new(RangeLocks::default()))),
+            size: AtomicU64::new(size),
+            sync: StickySync::new(true),
+        })
     }
 
-    /// The descriptor and, with O_DIRECT, whether a bounce buffer is needed.
-    fn pick(&self, offset: u64, len: usize) -> (&File, Option<usize>) {
-        match &self.direct {
-            None => (&self.file, None),
-            Some((buffered, align)) => {
-                if offset.is_multiple_of(*align as u64) && len.is_multiple_of(*align) {
-                    (&self.file, Some(*align))
-                } else {
-                    (buffered, None)
-                }
-            }
+    /// O_DIRECT read of `buf.len()` bytes at `offset` (any alignment), through an aligned
+    /// bounce buffer when the request or the buffer is not aligned.
+    fn direct_read(&self, align: usize, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if is_aligned(align, offset, buf.len()) && (buf.as_ptr() as usize).is_multiple_of(align) {
+            return read_full(&self.file, buf, offset);
         }
+        let (start, end) = widen(align, offset, buf.len());
+        let mut bounce = AlignedBuf::new((end - start) as usize, align)?;
+        let b = bounce.as_mut_slice((end - start) as usize);
+        read_full(&self.file, b, start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&b[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    /// O_DIRECT write: aligned requests hold their range shared with other aligned writes; an
+    /// unaligned one reads its aligned blocks, patches them and writes them back holding the
+    /// range alone.
+    fn direct_write(&self, align: usize, locks: &Arc<RangeLocks>, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        if is_aligned(align, offset, buf.len()) {
+            let _range = locks.lock(offset, end, false);
+            if (buf.as_ptr() as usize).is_multiple_of(align) {
+                return self.file.write_all_at(buf, offset);
+            }
+            let mut bounce = AlignedBuf::new(buf.len(), align)?;
+            bounce.as_mut_slice(buf.len()).copy_from_slice(buf);
+            return self.file.write_all_at(bounce.as_mut_slice(buf.len()), offset);
+        }
+        let (start, wide_end) = widen(align, offset, buf.len());
+        let _range = locks.lock(start, wide_end, true);
+        let n = (wide_end - start) as usize;
+        let mut bounce = AlignedBuf::new(n, align)?;
+        let b = bounce.as_mut_slice(n);
+        read_full(&self.file, b, start)?;
+        let skip = (offset - start) as usize;
+        b[skip..skip + buf.len()].copy_from_slice(buf);
+        let file_len = self.file.metadata()?.len();
+        self.file.write_all_at(b, start)?;
+        // The last block of a file whose size is not a multiple of the alignment: the whole
+        // block went out, so the file is cut back to where it ended (or where the write did).
+        if wide_end > file_len {
+            self.file.set_len(file_len.max(end))?;
+        }
+        Ok(())
     }
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
@@ -265,30 +363,19 @@ impl Disk for RawDisk {
         self.size.load(Ordering::Acquire)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        match self.pick(offset, buf.len()) {
-            (f, None) => read_full(f, buf, offset),
-            (f, Some(align)) => {
-                let mut bounce = AlignedBuf::new(buf.len(), align)?;
-                let b = bounce.as_mut_slice(buf.len());
-                read_full(f, b, offset)?;
-                buf.copy_from_slice(b);
-                Ok(())
-            }
+        match &self.direct {
+            None => read_full(&self.file, buf, offset),
+            Some((align, _)) => self.direct_read(*align, buf, offset),
         }
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        match self.pick(offset, buf.len()) {
-            (f, None) => f.write_all_at(buf, offset),
-            (f, Some(align)) => {
-                let mut bounce = AlignedBuf::new(buf.len(), align)?;
-                let b = bounce.as_mut_slice(buf.len());
-                b.copy_from_slice(buf);
-                f.write_all_at(b, offset)
-            }
+        match &self.direct {
+            None => self.file.write_all_at(buf, offset),
+            Some((align, locks)) => self.direct_write(*align, locks, buf, offset),
         }
     }
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.sync.run(|| self.file.sync_data())
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         match self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
@@ -318,9 +405,24 @@ impl Disk for RawDisk {
         self.file.metadata().map(|m| m.len()).unwrap_or(0)
     }
     fn uring_fd(&self) -> Option<(std::os::unix::io::RawFd, usize)> {
-        let align = self.direct.as_ref().map(|(_, a)| *a).unwrap_or(SECTOR_ALIGN);
+        let align = self.direct.as_ref().map(|(a, _)| *a).unwrap_or(SECTOR_ALIGN);
         Some((self.file.as_raw_fd(), align))
     }
+    fn write_ranges(&self) -> Option<Arc<RangeLocks>> {
+        self.direct.as_ref().map(|(_, l)| l.clone())
+    }
+}
+
+fn is_aligned(align: usize, offset: u64, len: usize) -> bool {
+    offset.is_multiple_of(align as u64) && len.is_multiple_of(align)
+}
+
+/// `offset..offset+len` widened to whole `align`-sized blocks.
+fn widen(align: usize, offset: u64, len: usize) -> (u64, u64) {
+    let a = align as u64;
+    let start = offset - offset % a;
+    let end = (offset + len as u64).div_ceil(a) * a;
+    (start, end)
 }
 
 /// Request alignment on a buffered descriptor (virtio-blk sectors).
@@ -347,6 +449,7 @@ pub struct Qcow2Disk {
     size: AtomicU64,
     backing: Option<String>,
     path: PathBuf,
+    pub sync: StickySync,
 }
 
 impl Qcow2Disk {
@@ -364,7 +467,13 @@ impl Qcow2Disk {
         let backing = qcow2.implicit_backing_file().cloned();
         let access = SyncFormatAccess::new(qcow2)?;
         let size = access.size();
-        Ok(Qcow2Disk { access: RwLock::new(access), size: AtomicU64::new(size), backing, path: path.into() })
+        Ok(Qcow2Disk {
+            access: RwLock::new(access),
+            size: AtomicU64::new(size),
+            backing,
+            path: path.into(),
+            sync: StickySync::new(flags.direct),
+        })
     }
 
     fn shared(&self) -> std::sync::RwLockReadGuard<'_, SyncFormatAccess<ImagoFile>> {
@@ -384,21 +493,29 @@ impl Disk for Qcow2Disk {
         self.shared().read(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.shared().write(buf, offset)
+        let access = self.shared();
+        access.write(buf, offset)?;
+        write_back_metadata(&access)
     }
     fn flush(&self) -> io::Result<()> {
         let access = self.shared();
         access.flush()?;
-        access.sync()
+        self.sync.run(|| access.sync())
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.exclusive().discard_to_any(offset, len)
+        let mut access = self.exclusive();
+        access.discard_to_any(offset, len)?;
+        write_back_metadata(&access)
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         if unmap {
-            self.exclusive().discard_to_zero(offset, len)
+            let mut access = self.exclusive();
+            access.discard_to_zero(offset, len)?;
+            write_back_metadata(&access)
         } else {
-            self.shared().write_zeroes(offset, len)
+            let access = self.shared();
+            access.write_zeroes(offset, len)?;
+            write_back_metadata(&access)
         }
     }
     fn resize(&self, size: u64) -> io::Result<()> {
@@ -415,6 +532,18 @@ impl Disk for Qcow2Disk {
     fn file_len(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
     }
+}
+
+/// What makes an acknowledged qcow2 write survive a kill of blockd: imago keeps the L2 entries
+/// and refcounts of newly allocated clusters in its metadata caches until `flush()`, so before
+/// a writing request completes its caches are written back to the image file. `flush()` is
+/// `pwrite`s of the dirty tables only (no fdatasync: the page cache outlives the process, and
+/// durability against a host crash is the guest's FLUSH), refcount blocks before the L2 tables
+/// that point at them (imago orders its caches so), after the data itself was written. A
+/// write into clusters already allocated leaves nothing dirty, and the write-back finds no
+/// table to write.
+fn write_back_metadata(access: &SyncFormatAccess<ImagoFile>) -> io::Result<()> {
+    access.flush()
 }
 
 impl Drop for Qcow2Disk {

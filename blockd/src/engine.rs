@@ -279,6 +279,23 @@ impl DriveRuntime {
         // descriptor; a bounce buffer otherwise.
         let iov = guest_iovecs(&req, &io, align).unwrap_or_default();
         let bounce_len = if iov.is_empty() { io.len } else { 0 };
+        // This thread reaps the ring: it must not wait, neither for bounce memory nor for a
+        // read-modify-write of the same blocks; a request that would goes to the pool, which
+        // waits.
+        let charge = match bounce_len {
+            0 => None,
+            n => match self.drive.budget.try_charge(n) {
+                Some(c) => Some(c),
+                None => return Err(req),
+            },
+        };
+        let range = match (io.write, disk.write_ranges()) {
+            (true, Some(ranges)) => match ranges.try_lock(io.offset, io.offset + io.len as u64, false) {
+                Some(g) => Some(g),
+                None => return Err(req),
+            },
+            _ => None,
+        };
         let Ok(mut buf) = AlignedBuf::new(bounce_len, align.max(512)) else { return Err(req) };
         if io.write && iov.is_empty() {
             let mem = req.chain.memory();
@@ -308,7 +325,10 @@ impl DriveRuntime {
             buf,
             iov: IoVecs(iov),
             len,
-            done: Box::new(move |res, buf| rt.uring_done(req, io, bounced, res, buf, started)),
+            done: Box::new(move |res, buf| {
+                rt.uring_done(req, io, bounced, res, buf, started);
+                drop((charge, range));
+            }),
         });
         // The image guard goes only now: a resize or snapshot waiting for it then waits for
         // the operation too (drain_uring).

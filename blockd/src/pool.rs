@@ -94,6 +94,82 @@ fn worker(shared: Arc<Shared>) {
     st.threads -= 1;
 }
 
+/// Bytes of bounce buffers a drive may hold at once: requests wait for their share, never
+/// fail for it (QEMU bounds its bounce memory the same way, by waiting).
+pub const BOUNCE_BUDGET: usize = 64 << 20;
+
+/// A per-drive budget of bounce-buffer bytes.
+pub struct Budget {
+    state: Mutex<BudgetState>,
+    cv: Condvar,
+    capacity: usize,
+}
+
+struct BudgetState {
+    used: usize,
+    /// The most ever held at once (for tests and logs).
+    peak: usize,
+}
+
+/// Bytes taken from a [`Budget`]; given back on drop.
+pub struct Charge {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Budget {
+    pub fn new(capacity: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            state: Mutex::new(BudgetState { used: 0, peak: 0 }),
+            cv: Condvar::new(),
+            capacity: capacity.max(1),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(self: &Arc<Self>, st: &mut BudgetState, bytes: usize) -> Charge {
+        st.used += bytes;
+        st.peak = st.peak.max(st.used);
+        Charge { budget: self.clone(), bytes }
+    }
+
+    /// Waits until `bytes` (at most the whole budget: a request larger than it waits for
+    /// all of it) are free, and takes them. Only on threads that may block.
+    pub fn charge(self: &Arc<Self>, bytes: usize) -> Charge {
+        let bytes = bytes.min(self.capacity);
+        let mut st = self.state();
+        while st.used + bytes > self.capacity {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        self.take(&mut st, bytes)
+    }
+
+    /// Takes `bytes` if they are free now (for threads that must not block).
+    pub fn try_charge(self: &Arc<Self>, bytes: usize) -> Option<Charge> {
+        let bytes = bytes.min(self.capacity);
+        let mut st = self.state();
+        (st.used + bytes <= self.capacity).then(|| self.take(&mut st, bytes))
+    }
+
+    /// The most bytes held at once so far.
+    pub fn peak(&self) -> usize {
+        self.state().peak
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        self.budget.state().used -= self.bytes;
+        self.budget.cv.notify_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +199,27 @@ mod tests {
         let got: Vec<i32> = (0..20).map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
         assert_eq!(got.len(), 20);
         assert!(pool.shared.state.lock().unwrap().threads <= 4);
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn charges_wait_for_room_and_never_exceed_it() {
+        let b = Budget::new(100);
+        let a = b.charge(60);
+        assert!(b.try_charge(50).is_none());
+        let c = b.try_charge(40).expect("fits");
+        let t = {
+            let b = b.clone();
+            std::thread::spawn(move || drop(b.charge(1000)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "a charge larger than the budget waits for all of it");
+        drop((a, c));
+        t.join().unwrap();
+        assert_eq!(b.peak(), 100);
     }
 }

@@ -16,11 +16,16 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestMemory};
 
-use crate::disk::Disk;
+use crate::disk::{AlignedBuf, Disk};
+use crate::pool::{Budget, Charge, BOUNCE_BUDGET};
+use std::sync::Arc;
 use crate::policy::{decide, Decision, IoOp};
 use crate::stats::Stats;
 
 pub const SECTOR_SIZE: u64 = 512;
+/// Alignment of the requests' bounce buffers: what an O_DIRECT image needs, so it reads
+/// and writes them in place.
+const BOUNCE_ALIGN: usize = 4096;
 /// Size of the request header (`struct virtio_blk_outhdr`: type, reserved, sector).
 pub const HEADER_SIZE: usize = 16;
 /// Size of one discard / write-zeroes segment (`struct virtio_blk_discard_write_zeroes`).
@@ -74,6 +79,8 @@ pub struct Drive {
     pub werror: ErrorAction,
     pub rerror: ErrorAction,
     pub stats: Stats,
+    /// Bounce-buffer bytes the drive's requests may hold at once.
+    pub budget: Arc<Budget>,
 }
 
 /// How a chain ended: the status written (None where none could be) and the used length.
@@ -164,6 +171,7 @@ impl Drive {
             werror: ErrorAction::Enospc,
             rerror: ErrorAction::Report,
             stats: Stats::default(),
+            budget: Budget::new(BOUNCE_BUDGET),
         }
     }
 
@@ -276,8 +284,6 @@ impl Drive {
         M::Target: GuestMemory + Sized,
     {
         let mem = chain.memory();
-        let disk = self.disk();
-        let disk: &dyn Disk = &**disk;
         let io_read = |source| RequestError::Io { op: IoOp::Read, source };
         let io_write = |source| RequestError::Io { op: IoOp::Write, source };
         // Device-readable descriptors first, then device-writable ones.
@@ -302,6 +308,15 @@ impl Drive {
         let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
         let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
         let readable = reader.available_bytes();
+        // The bounce buffer's bytes are taken before the image: a request waiting for them
+        // holds nothing a resize or snapshot waits for.
+        let _charge = match req_type {
+            VIRTIO_BLK_T_IN => self.bounce_charge(sector, data_writable),
+            VIRTIO_BLK_T_OUT => self.bounce_charge(sector, readable),
+            _ => None,
+        };
+        let disk = self.disk();
+        let disk: &dyn Disk = &**disk;
 
         match req_type {
             VIRTIO_BLK_T_IN => {
@@ -309,11 +324,12 @@ impl Drive {
                     return Err(RequestError::Chain("read request with device-readable data".into()));
                 }
                 let len = self.check_data(disk, sector, data_writable)?;
-                let mut buf = vec![0u8; len];
+                let mut bounce = AlignedBuf::new(len, BOUNCE_ALIGN).map_err(io_read)?;
+                let buf = bounce.as_mut_slice(len);
                 let t = Instant::now();
-                disk.read_at(&mut buf, sector * SECTOR_SIZE).map_err(io_read)?;
+                disk.read_at(buf, sector * SECTOR_SIZE).map_err(io_read)?;
                 self.stats.read(len as u64, t.elapsed());
-                writer.write_all(&buf).map_err(RequestError::GuestMemory)?;
+                writer.write_all(buf).map_err(RequestError::GuestMemory)?;
                 Ok(len as u32)
             }
             VIRTIO_BLK_T_OUT => {
@@ -324,10 +340,11 @@ impl Drive {
                     return Err(RequestError::ReadOnly);
                 }
                 let len = self.check_data(disk, sector, readable)?;
-                let mut buf = vec![0u8; len];
-                reader.read_exact(&mut buf).map_err(RequestError::GuestMemory)?;
+                let mut bounce = AlignedBuf::new(len, BOUNCE_ALIGN).map_err(io_write)?;
+                let buf = bounce.as_mut_slice(len);
+                reader.read_exact(buf).map_err(RequestError::GuestMemory)?;
                 let t = Instant::now();
-                disk.write_at(&buf, sector * SECTOR_SIZE).map_err(io_write)?;
+                disk.write_at(buf, sector * SECTOR_SIZE).map_err(io_write)?;
                 self.write_through(disk)?;
                 self.stats.write(sector * SECTOR_SIZE, len as u64, t.elapsed());
                 Ok(0)
@@ -402,6 +419,19 @@ impl Drive {
             }
             other => Err(RequestError::Unsupported(other)),
         }
+    }
+
+    /// The budget share of an IN/OUT request of `len` bytes at `sector`: its buffer, and for
+    /// a request not aligned to 4 KiB the aligned copy an O_DIRECT image makes of it. None
+    /// for a length the request checks refuse anyway.
+    fn bounce_charge(&self, sector: u64, len: usize) -> Option<Charge> {
+        if len > self.limits.max_data {
+            return None;
+        }
+        let a = BOUNCE_ALIGN as u64;
+        let unaligned = !(sector.wrapping_mul(SECTOR_SIZE)).is_multiple_of(a) || !(len as u64).is_multiple_of(a);
+        let bytes = if unaligned { 2 * len + 2 * BOUNCE_ALIGN } else { len };
+        Some(self.budget.charge(bytes))
     }
 
     /// Checks an IN/OUT data length: whole sectors, within the limits and the disk.
