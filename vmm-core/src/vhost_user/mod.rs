@@ -37,7 +37,13 @@
 //! writes by the driver are replayed to a new backend after its GET_CONFIG.
 
 pub mod backend_req;
+pub mod mailbox;
+#[cfg(test)]
+mod mock;
 pub mod session;
+pub mod socket_watch;
+#[cfg(test)]
+mod tests;
 pub mod worker;
 
 use crate::devices::bus::{lock, MmioWindow};
@@ -52,7 +58,8 @@ use std::thread::JoinHandle;
 use vm_config::{VhostUserDevice, VirtioKind};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
-use worker::{Command, Mailbox, Worker};
+use mailbox::Mailbox;
+use worker::{Command, Worker};
 
 /// What the frontend needs to know about its device.
 #[derive(Debug, Clone)]
@@ -129,8 +136,12 @@ impl VhostUserModel {
         let id = spec.id.clone();
         let wake =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|source| FrontendError::EventFd { id: id.clone(), source })?;
-        let mailbox = Arc::new(Mailbox { queue: Mutex::new(Default::default()), wake });
-        let mut w = Worker::new(spec, mem, signals, kicks, mailbox.clone());
+        let errs = (0..spec.num_queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| FrontendError::EventFd { id: id.clone(), source })?;
+        let mailbox = Arc::new(Mailbox::new(wake));
+        let mut w = Worker::new(spec, mem, signals, kicks, errs, mailbox.clone());
         w.try_connect();
         let thread = std::thread::Builder::new()
             .name(format!("vhost-user-{id}"))

@@ -5,17 +5,18 @@
 
 use super::backend_req::ConfigChangeFlag;
 use crate::virtio_pci::{features, DeviceSignals, QueueConfig, NO_VECTOR};
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// How long one request may wait for the backend's answer.
@@ -28,6 +29,45 @@ pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+}
+
+/// The inflight region a backend described at GET_INFLIGHT_FD: kept by the worker for the
+/// device's lifetime (until a reset) and handed to every later connection.
+pub struct Inflight {
+    pub desc: VhostUserInflight,
+    pub file: File,
+}
+
+/// One ring to hand to the backend, with the index it starts at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingStart {
+    pub queue: QueueConfig,
+    pub base: u16,
+}
+
+/// Host addresses of a ring's three parts, once each part was found whole inside one region of
+/// guest RAM (descriptor table 16 * size bytes, avail ring 6 + 2 * size, used ring 6 + 8 * size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingHva {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// Checks a ring's extents against guest RAM and translates its addresses.
+pub fn ring_hva(q: &QueueConfig, mem: &GuestMemoryMmap) -> Result<RingHva, SessionError> {
+    let size = u64::from(q.size);
+    let part = |gpa: u64, len: u64| -> Result<u64, SessionError> {
+        let bad = || SessionError::RingAddress { queue: q.index, gpa, len };
+        let region = mem.find_region(GuestAddress(gpa)).ok_or_else(bad)?;
+        let offset = gpa - region.start_addr().0;
+        if offset.checked_add(len).is_none_or(|end| end > region.len()) {
+            return Err(bad());
+        }
+        mem.get_host_address(GuestAddress(gpa)).map(|p| p as u64).map_err(|_| bad())
+    };
+    Ok(RingHva { desc: part(q.desc, 16 * size)?, avail: part(q.avail, 6 + 2 * size)?, used: part(q.used, 6 + 8 * size)? })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +88,8 @@ pub enum SessionError {
     NoVersion1(u64),
     #[error("the backend serves {have} queues, the device has {want}")]
     TooFewQueues { have: u64, want: u16 },
-    #[error("queue {queue}: ring address {gpa:#x} is not in guest RAM")]
-    RingAddress { queue: u16, gpa: u64 },
+    #[error("queue {queue}: ring part at {gpa:#x} ({len} bytes) is not inside one region of guest RAM")]
+    RingAddress { queue: u16, gpa: u64, len: u64 },
     #[error("reading queue {queue}'s used index at {gpa:#x}: {source}")]
     UsedIndex {
         queue: u16,
@@ -65,6 +105,13 @@ pub enum SessionError {
 
 fn req<T>(what: &'static str, r: Result<T, vhost::Error>) -> Result<T, SessionError> {
     r.map_err(|source| SessionError::Request { what, source })
+}
+
+/// The used ring's idx in guest memory: where a ring restarts when the backend that ran it is
+/// gone (requests it took but never completed are run again).
+pub fn used_idx(q: &QueueConfig, mem: &GuestMemoryMmap) -> Result<u16, SessionError> {
+    let gpa = q.used + 2;
+    mem.read_obj::<u16>(GuestAddress(gpa)).map_err(|source| SessionError::UsedIndex { queue: q.index, gpa, source })
 }
 
 /// An established connection.
@@ -154,50 +201,53 @@ impl Session {
         req("SET_CONFIG", self.fe.set_config(offset, VhostUserConfigFlags::WRITABLE, data))
     }
 
-    /// Hands the rings to the backend. `base_from_used`: each ring restarts at the used ring's
-    /// idx in guest memory (a replay after reconnect; requests taken but not completed are run
-    /// again), instead of 0 (a fresh start after the driver set the rings up).
-    ///
-    /// Inflight tracking (GET/SET_INFLIGHT_FD) would go here, before SET_VRING_BASE, once
-    /// backends offer it: it gives the exact set of requests to resubmit.
+    /// GET_INFLIGHT_FD for `num_queues` rings of `queue_size` (the device's maximum, as QEMU
+    /// asks). `None` when the backend did not negotiate INFLIGHT_SHMFD or describes an empty
+    /// region (QEMU's vhost_dev_get_inflight treats that as no tracking).
+    pub fn get_inflight(&mut self, num_queues: u16, queue_size: u16) -> Result<Option<Inflight>, SessionError> {
+        if !self.has(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            return Ok(None);
+        }
+        let ask = VhostUserInflight { mmap_size: 0, mmap_offset: 0, num_queues, queue_size };
+        let (desc, file) = req("GET_INFLIGHT_FD", self.fe.get_inflight_fd(&ask))?;
+        Ok((desc.mmap_size != 0).then_some(Inflight { desc, file }))
+    }
+
+    /// SET_INFLIGHT_FD: hands a kept region back (before any ring starts).
+    pub fn set_inflight(&mut self, inflight: &Inflight) -> Result<(), SessionError> {
+        req("SET_INFLIGHT_FD", self.fe.set_inflight_fd(&inflight.desc, inflight.file.as_raw_fd()))
+    }
+
+    /// Hands the rings to the backend, each at its `base` (the caller decides: 0 after the
+    /// driver set the rings up, the index GET_VRING_BASE gave at a stop, or the used ring's idx
+    /// after a crash). `errs[i]` becomes queue i's SET_VRING_ERR eventfd. Every ring is checked
+    /// against guest RAM before the first message, so a bad ring starts none.
+    #[allow(clippy::too_many_arguments)]
     pub fn start_queues(
         &mut self,
-        queues: &[QueueConfig],
+        rings: &[RingStart],
         max_size: u16,
-        base_from_used: bool,
         mem: &GuestMemoryMmap,
         kicks: &[EventFd],
+        errs: &[EventFd],
         signals: &DeviceSignals,
     ) -> Result<(), SessionError> {
+        let hvas = rings.iter().map(|r| ring_hva(&r.queue, mem)).collect::<Result<Vec<_>, _>>()?;
         let enable = self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
-        for q in queues {
+        for (r, hva) in rings.iter().zip(hvas) {
+            let q = &r.queue;
             let i = q.index as usize;
-            let hva = |gpa: u64| {
-                mem.get_host_address(GuestAddress(gpa))
-                    .map(|p| p as u64)
-                    .map_err(|_| SessionError::RingAddress { queue: q.index, gpa })
-            };
             let config = VringConfigData {
                 queue_max_size: max_size,
                 queue_size: q.size,
                 flags: 0,
-                desc_table_addr: hva(q.desc)?,
-                used_ring_addr: hva(q.used)?,
-                avail_ring_addr: hva(q.avail)?,
+                desc_table_addr: hva.desc,
+                used_ring_addr: hva.used,
+                avail_ring_addr: hva.avail,
                 log_addr: None,
             };
-            let base = if base_from_used {
-                let gpa = q.used + 2;
-                mem.read_obj::<u16>(GuestAddress(gpa)).map_err(|source| SessionError::UsedIndex {
-                    queue: q.index,
-                    gpa,
-                    source,
-                })?
-            } else {
-                0
-            };
             req("SET_VRING_NUM", self.fe.set_vring_num(i, q.size))?;
-            req("SET_VRING_BASE", self.fe.set_vring_base(i, base))?;
+            req("SET_VRING_BASE", self.fe.set_vring_base(i, r.base))?;
             req("SET_VRING_ADDR", self.fe.set_vring_addr(i, &config))?;
             if let Some(kick) = kicks.get(i) {
                 req("SET_VRING_KICK", self.fe.set_vring_kick(i, kick))?;
@@ -207,22 +257,34 @@ impl Session {
                     req("SET_VRING_CALL", self.fe.set_vring_call(i, &call))?;
                 }
             }
+            if let Some(err) = errs.get(i) {
+                req("SET_VRING_ERR", self.fe.set_vring_err(i, err))?;
+            }
             self.started.push(q.index);
             if enable {
                 req("SET_VRING_ENABLE", self.fe.set_vring_enable(i, true))?;
             }
-            tracing::debug!(queue = q.index, size = q.size, base, "vring started");
+            tracing::debug!(queue = q.index, size = q.size, base = r.base, "vring started");
         }
         Ok(())
     }
 
-    /// Stops every started ring (GET_VRING_BASE stops a ring in the backend).
-    pub fn stop_queues(&mut self) -> Result<(), SessionError> {
+    /// The queues handed to the backend since the last stop.
+    pub fn started(&self) -> &[u16] {
+        &self.started
+    }
+
+    /// Stops every started ring (GET_VRING_BASE stops a ring in the backend) and returns each
+    /// ring's next avail index as the backend reported it.
+    pub fn stop_queues(&mut self) -> Result<Vec<(u16, u16)>, SessionError> {
+        let mut bases = Vec::with_capacity(self.started.len());
         for q in std::mem::take(&mut self.started) {
             let base = req("GET_VRING_BASE", self.fe.get_vring_base(q as usize))?;
             tracing::debug!(queue = q, base, "vring stopped");
+            // The split ring's index is 16 bits; the upper half is the packed ring's wrap bit.
+            bases.push((q, base as u16));
         }
-        Ok(())
+        Ok(bases)
     }
 
     /// RESET_DEVICE when negotiated (the backend forgets the acked features, keeps the rest).

@@ -57,7 +57,8 @@ pub use device::{bar, cap, FunctionSpec, IoEventRegistrar, VirtioPciDevice, Virt
 pub use msix::{MsiVectors, MsixTable, RouterVectors};
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Device status bits (virtio 1.2 section 2.1).
@@ -120,6 +121,9 @@ pub struct DeviceSignals {
     /// Resets the transport asked for / the model finished (status reads 0 once equal).
     pub resets_requested: AtomicU64,
     pub resets_done: AtomicU64,
+    /// Woken at every completed reset, for [`DeviceSignals::wait_reset`].
+    reset_lock: Mutex<()>,
+    reset_done: Condvar,
     /// The device configuration as the backend last reported it (reads never wait on it).
     pub config: Mutex<Vec<u8>>,
     /// Features the backend offers (as offered to the guest), once known.
@@ -137,6 +141,8 @@ impl DeviceSignals {
             needs_reset: AtomicBool::new(false),
             resets_requested: AtomicU64::new(0),
             resets_done: AtomicU64::new(0),
+            reset_lock: Mutex::new(()),
+            reset_done: Condvar::new(),
             config: Mutex::new(Vec::new()),
             device_features: Mutex::new(None),
             vectors,
@@ -174,7 +180,28 @@ impl DeviceSignals {
 
     /// The model finished the reset with sequence number `seq`.
     pub fn complete_reset(&self, seq: u64) {
+        // Under the lock, so a waiter between its check and its wait cannot miss the wake-up.
+        let _g = crate::devices::bus::lock(&self.reset_lock);
         self.resets_done.fetch_max(seq, Ordering::SeqCst);
+        self.reset_done.notify_all();
+    }
+
+    /// Waits until every requested reset is complete (the model stopped the rings), at most
+    /// `timeout`; false when it is still pending then.
+    pub fn wait_reset(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = crate::devices::bus::lock(&self.reset_lock);
+        while self.reset_pending() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = match self.reset_done.wait_timeout(g, left) {
+                Ok((g, _)) => g,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        true
     }
 }
 
