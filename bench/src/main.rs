@@ -11,6 +11,7 @@ mod qmp;
 mod qmpreport;
 mod qmprun;
 mod report;
+mod restart;
 mod runs;
 mod smaps;
 mod stats;
@@ -34,6 +35,7 @@ const USAGE: &str = "\
 usage: flotilla-bench [all|boot|memory|qmp] [options]
        flotilla-bench block [options]   (see flotilla-bench block --help)
        flotilla-bench balloon [options] (see flotilla-bench balloon --help)
+       flotilla-bench restart [options] (see flotilla-bench restart --help)
 
   all (default)   boot times, memory overhead, then QMP round trips
   boot            process start -> the guest's first serial line and READY, N interleaved runs
@@ -523,6 +525,9 @@ fn main() -> ExitCode {
     }
     if args.first().is_some_and(|a| a == "balloon") {
         return balloon::main(&args[1..]);
+    }
+    if args.first().is_some_and(|a| a == "restart") {
+        return restart::main(&args[1..]);
     }
     let opts = match parse_args(&args) {
         Ok(Some(o)) => o,

@@ -9,5 +9,6 @@ pub mod machine;
 pub mod process;
 pub mod pyqmp;
 pub mod qmp;
+pub mod restart;
 pub mod tmpfs;
 pub mod vhost_frontend;

@@ -1,0 +1,65 @@
+# Write-and-verify load for the restart tests, run by the Linux guest kit's busybox sh. It is
+# typed into the guest's shell by tests/src/write_verify.rs (not part of the initramfs), so it
+# keeps to busybox applets and short lines.
+#
+#   wv W B K S DEV
+#
+# W writers run in parallel. Pass p of writer w (w = 0..W-1, p = 1, 2, ...) writes B blocks of
+# K KiB with O_DIRECT to slot ((p-1)*W + w) % S of DEV (a slot is B*K KiB; S is a multiple of W,
+# so a slot only ever holds one writer's passes), block b holding the text
+# "FLOTILLA w=<w> p=<p> b=<b>\n" repeated and cut at K KiB. Each pass reads its slot back with
+# O_DIRECT and compares. Every pass prints one line:
+#   WV w=<w> p=<p> ok|BAD <cmp's line>|ERR <what> if=<reads>/<writes>
+# where reads/writes are DEV's requests in flight as the line is printed. A probe reads 4 KiB
+# with O_DIRECT in a loop and prints "WT <n>" after each. Once /tmp/stop exists each writer ends
+# after its pass with "WV w=<w> done p=<last pass whose write succeeded>", the probe with "WT done".
+wvpat() {
+    b=0
+    : >"$4"
+    while [ "$b" -lt "$2" ]; do
+        yes "FLOTILLA w=$1 p=$3 b=$b" | head -c $(($5 * 1024)) >>"$4"
+        b=$((b + 1))
+    done
+}
+wvw() {
+    w=$1 B=$2 K=$3 S=$4 D=$5 p=0 last=0
+    n=$(basename "$D")
+    while [ ! -e /tmp/stop ]; do
+        p=$((p + 1))
+        s=$(((p - 1) * $6 + w))
+        s=$((s % S))
+        wvpat "$w" "$B" "$p" "/tmp/wvp$w" "$K"
+        st=ok
+        if ! dd if=/tmp/wvp$w of="$D" bs=${K}k seek=$((s * B)) count="$B" oflag=direct conv=notrunc 2>/tmp/wve$w; then
+            st="ERR write $(tail -n 1 /tmp/wve$w)"
+        else
+            last=$p
+            if ! dd if="$D" of=/tmp/wvr$w bs=${K}k skip=$((s * B)) count="$B" iflag=direct 2>/tmp/wve$w; then
+                st="ERR read $(tail -n 1 /tmp/wve$w)"
+            elif ! cmp /tmp/wvp$w /tmp/wvr$w >/tmp/wvc$w 2>&1; then
+                st="BAD $(head -n 1 /tmp/wvc$w)"
+            fi
+        fi
+        read -r ri wi </sys/block/$n/inflight
+        echo "WV w=$w p=$p $st if=$ri/$wi"
+    done
+    echo "WV w=$w done p=$last"
+}
+wvt() {
+    n=0
+    while [ ! -e /tmp/stop ]; do
+        dd if="$1" of=/dev/null bs=4k count=1 skip=$((n % 256)) iflag=direct 2>/dev/null || echo "WT ERR $n"
+        echo "WT $n"
+        n=$((n + 1))
+    done
+    echo "WT done"
+}
+wv() {
+    rm -f /tmp/stop
+    i=0
+    while [ "$i" -lt "$1" ]; do
+        wvw "$i" "$2" "$3" "$4" "$5" "$1" &
+        i=$((i + 1))
+    done
+    wvt "$5" &
+}

@@ -1,0 +1,53 @@
+//! The Linux guest kit (`tests/kit/build-linux-kit.sh`: Debian's kernel, a busybox initramfs),
+//! built on first use and cached by the script; this module runs it once per process.
+
+use super::RigError;
+use crate::process::{wait_timeout, Collector};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Kit {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// The kit's kernel and initramfs; the build script runs at most once per process (its first
+/// run downloads two Debian packages, hence the long bound).
+pub fn kit() -> Result<Kit, RigError> {
+    static KIT: OnceLock<Result<Kit, String>> = OnceLock::new();
+    KIT.get_or_init(build)
+        .clone()
+        .map_err(|detail| RigError::Process { what: "building the Linux guest kit".into(), detail })
+}
+
+fn build() -> Result<Kit, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kit/build-linux-kit.sh");
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    let mut out = Collector::new(child.stdout.take().ok_or("no stdout pipe")?);
+    let mut err = Collector::new(child.stderr.take().ok_or("no stderr pipe")?);
+    let Some(status) = wait_timeout(&mut child, Duration::from_secs(600)) else {
+        // SAFETY: kill(2) on the process group created above.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let _ = child.wait();
+        return Err(format!("{} timed out:\n{}", script.display(), err.take()));
+    };
+    let (out, err) = (out.take(), err.take());
+    if !status.success() {
+        return Err(format!("{} failed:\n{err}", script.display()));
+    }
+    let get = |key: &str| -> Result<PathBuf, String> {
+        out.lines().find_map(|l| l.strip_prefix(key)).map(PathBuf::from).ok_or(format!("no {key} in:\n{out}"))
+    };
+    Ok(Kit { kernel: get("KERNEL=")?, initrd: get("INITRD=")? })
+}
