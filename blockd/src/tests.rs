@@ -1,6 +1,8 @@
 //! Request handling over descriptor chains built in guest memory with virtio-queue's mock
 //! (the vhost-device-template way): every request type, and every hostile chain we know of.
 
+mod integrity;
+
 use std::sync::Mutex;
 
 use vhost_user_backend::VhostUserBackend;
