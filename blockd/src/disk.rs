@@ -572,3 +572,85 @@ pub fn create_qcow2_overlay(path: &Path, size: u64, backing: &str, backing_forma
     // The header must be on disk before the overlay is opened and the switch is made.
     File::open(path)?.sync_all()
 }
+
+/// The files of the chain whose top is `top`: `top` first, then each backing file as the
+/// qcow2 headers name it (relative names against the directory of the image naming them, as
+/// QEMU resolves them). A header that cannot be read ends the walk.
+pub fn chain_files(top: &Path, format: Format) -> Vec<PathBuf> {
+    let mut chain = vec![top.to_path_buf()];
+    let mut format = format;
+    // A chain that loops back on itself ends here too.
+    while format == Format::Qcow2 && chain.len() < 64 {
+        let Some(cur) = chain.last() else { break };
+        let Ok(Some((name, next_format))) = qcow2_backing(cur) else { break };
+        let next = match cur.parent() {
+            Some(dir) if Path::new(&name).is_relative() => dir.join(&name),
+            _ => PathBuf::from(&name),
+        };
+        if chain.iter().any(|c| same_file(c, &next)) {
+            break;
+        }
+        chain.push(next);
+        format = next_format;
+    }
+    chain
+}
+
+/// A qcow2 header's backing file name and its format (qcow2 unless the header extension
+/// says raw; a format other drivers would probe is treated as raw: nothing further to walk).
+fn qcow2_backing(path: &Path) -> io::Result<Option<(String, Format)>> {
+    let f = File::open(path)?;
+    let mut h = [0u8; 104];
+    f.read_exact_at(&mut h[..72], 0)?;
+    if &h[0..4] != b"QFI\xfb" {
+        return Ok(None);
+    }
+    let be64 = |h: &[u8], at: usize| u64::from_be_bytes(h[at..at + 8].try_into().unwrap_or_default());
+    let be32 = |h: &[u8], at: usize| u32::from_be_bytes(h[at..at + 4].try_into().unwrap_or_default());
+    let (off, len, version) = (be64(&h, 8), be32(&h, 16), be32(&h, 4));
+    if off == 0 || len == 0 || len > 4096 {
+        return Ok(None);
+    }
+    let mut name = vec![0u8; len as usize];
+    f.read_exact_at(&mut name, off)?;
+    let name = String::from_utf8_lossy(&name).into_owned();
+    // Header extensions (after the 72-byte v2 header or v3's header_length): 0xe2792aca is
+    // the backing file format name.
+    let ext_start = if version >= 3 {
+        f.read_exact_at(&mut h[72..104], 72)?;
+        u64::from(be32(&h, 100))
+    } else {
+        72
+    };
+    let mut format = Format::Qcow2;
+    let mut at = ext_start;
+    for _ in 0..64 {
+        let mut e = [0u8; 8];
+        if f.read_exact_at(&mut e, at).is_err() {
+            break;
+        }
+        let kind = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
+        let elen = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
+        if kind == 0 || elen > 4096 {
+            break;
+        }
+        if kind == 0xe279_2aca {
+            let mut v = vec![0u8; elen as usize];
+            f.read_exact_at(&mut v, at + 8)?;
+            if v != b"qcow2" {
+                format = Format::Raw;
+            }
+        }
+        at += 8 + u64::from(elen).div_ceil(8) * 8;
+    }
+    Ok(Some((name, format)))
+}
+
+/// Whether two paths name one file (the same inode, whatever the links on the way).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}

@@ -180,6 +180,13 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    /// The image in use could not be flushed: no overlay is created, nothing switches.
+    #[error("flushing the image before the snapshot: {0}")]
+    Flush(#[source] std::io::Error),
+    /// The snapshot file is an image of the drive's chain (overwriting it would destroy data
+    /// the drive reads).
+    #[error("Could not create '{path}': it is {role} of the drive's backing chain")]
+    InChain { path: String, role: &'static str },
 }
 
 pub struct DriveRuntime {
@@ -560,16 +567,18 @@ impl DriveRuntime {
         let mut disk = self.drive.disk_exclusive();
         self.drain_uring();
         let old = lock(&self.image).clone();
-        if let Err(e) = disk.flush() {
-            tracing::warn!(device = %self.id, "flushing before the snapshot: {e}");
+        // As QEMU's external_snapshot_prepare: a failed flush fails the command before
+        // anything is created or switched (the overlay would stand on data not on disk).
+        if !self.drive.readonly {
+            disk.flush().map_err(SnapshotError::Flush)?;
         }
-        // Never overwrite the image in use (the seed's "created in the existing file" would
-        // truncate it under the guest).
-        let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y);
-        if same(path, &old.file) {
-            return Err(SnapshotError::Create {
+        // Never overwrite an image of the chain (the seed's "created in the existing file"
+        // would truncate it under the guest): the active image or any backing file below it.
+        let chain = disk::chain_files(&old.file, old.format);
+        if let Some(i) = chain.iter().position(|f| disk::same_file(path, f)) {
+            return Err(SnapshotError::InChain {
                 path: shown,
-                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "it is the image in use"),
+                role: if i == 0 { "the active image" } else { "a backing file" },
             });
         }
         let size = disk.size();

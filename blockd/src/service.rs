@@ -201,7 +201,11 @@ impl BlockService {
         d.snapshot(Path::new(&args.snapshot_file)).map_err(|e| {
             tracing::warn!(device = %args.device, "blockdev-snapshot-sync failed: {e}");
             match e {
-                SnapshotError::Create { .. } | SnapshotError::Open { .. } => open_failed(),
+                SnapshotError::Create { .. } | SnapshotError::Open { .. } | SnapshotError::InChain { .. } => {
+                    open_failed()
+                }
+                // QEMU's external_snapshot_prepare: error_setg(errp, QERR_IO_ERROR).
+                SnapshotError::Flush(_) => QmpError::new("GenericError", "An IO error has occurred"),
             }
         })?;
         self.record_images();

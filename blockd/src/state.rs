@@ -45,13 +45,25 @@ impl State {
         serde_json::from_str(&text).map(Some).map_err(|source| StateError::Parse { path: shown(), source })
     }
 
-    /// Writes the state so that a reader sees the old or the new one, never a mix.
+    /// Writes the state so that a reader sees the old or the new one, never a mix, and a
+    /// host crash after the command answered still finds the new one: the temporary file is
+    /// fsynced before the rename, the directory after it.
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
         let write = |source| StateError::Write { path: path.display().to_string(), source };
         let tmp = path.with_extension("tmp");
         let text = serde_json::to_string(self).map_err(|e| write(std::io::Error::other(e)))?;
-        std::fs::write(&tmp, text).map_err(write)?;
-        std::fs::rename(&tmp, path).map_err(write)
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(write)?;
+            f.write_all(text.as_bytes()).map_err(write)?;
+            f.sync_all().map_err(write)?;
+        }
+        std::fs::rename(&tmp, path).map_err(write)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write)
     }
 
     /// Points the drives it records at their recorded images; returns the ids it changed.
