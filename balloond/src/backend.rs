@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
+use vhost_backend_kit::serve::{ExitEventError, ExitEvents};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::device::{lock, Device};
 use crate::queues::{self, DEFLATE, INFLATE, NUM_QUEUES, STATS};
@@ -36,8 +37,8 @@ pub const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("creating the exit event of worker {0}: {1}")]
-    ExitEvent(usize, #[source] io::Error),
+    #[error(transparent)]
+    ExitEvent(#[from] ExitEventError),
     #[error("starting the stats poller: {0}")]
     Poller(#[source] io::Error),
 }
@@ -51,16 +52,14 @@ pub struct BalloonBackend {
 struct Inner {
     device: Arc<Device>,
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
-    exit: Vec<(EventConsumer, EventNotifier)>,
+    exit: ExitEvents,
     /// The stats buffer the guest handed us, held until we want fresh numbers, and its ring.
     stats_held: Mutex<Option<(VringRwLock, u16)>>,
 }
 
 impl BalloonBackend {
     pub fn new(device: Arc<Device>) -> Result<BalloonBackend, BackendError> {
-        let exit = (0..NUM_QUEUES)
-            .map(|i| new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(|e| BackendError::ExitEvent(i, e)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let exit = ExitEvents::new(NUM_QUEUES)?;
         Ok(BalloonBackend {
             inner: Arc::new(Inner { device, mem: Mutex::new(None), exit, stats_held: Mutex::new(None) }),
         })
@@ -68,13 +67,6 @@ impl BalloonBackend {
 
     pub fn device(&self) -> &Arc<Device> {
         &self.inner.device
-    }
-
-    /// Tells every worker thread to exit (the daemon does it itself when dropped).
-    pub fn stop_workers(&self) {
-        for (_, notifier) in &self.inner.exit {
-            let _ = notifier.notify();
-        }
     }
 
     /// Whether a stats buffer is held.
@@ -252,8 +244,7 @@ impl VhostUserBackend for BalloonBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) = self.inner.exit.get(thread_index)?;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+        self.inner.exit.get(thread_index)
     }
 
     fn handle_event(

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
+use vhost_backend_kit::serve::{ExitEventError, ExitEvents};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
@@ -17,7 +18,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::engine::{DriveRuntime, Request};
 use crate::request::SECTOR_SIZE;
@@ -29,8 +30,8 @@ pub const CONFIG_LEN: usize = 60;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("creating the exit event of worker {0}: {1}")]
-    ExitEvent(usize, #[source] io::Error),
+    #[error(transparent)]
+    ExitEvent(#[from] ExitEventError),
     #[error("adding the io_uring completion eventfd to worker {0}'s epoll: {1}")]
     AttachCompletions(usize, #[source] io::Error),
 }
@@ -47,16 +48,14 @@ struct Inner {
     num_queues: usize,
     event_idx: Mutex<bool>,
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
-    exit: Vec<(EventConsumer, EventNotifier)>,
+    exit: ExitEvents,
     /// Requests completed on each queue in this connection.
     served: Arc<Vec<AtomicU64>>,
 }
 
 impl BlockBackend {
     pub fn new(drive: Arc<DriveRuntime>, num_queues: usize) -> Result<BlockBackend, BackendError> {
-        let exit = (0..num_queues)
-            .map(|i| new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(|e| BackendError::ExitEvent(i, e)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let exit = ExitEvents::new(num_queues)?;
         Ok(BlockBackend {
             inner: Arc::new(Inner {
                 drive,
@@ -67,13 +66,6 @@ impl BlockBackend {
                 served: Arc::new((0..num_queues).map(|_| AtomicU64::new(0)).collect()),
             }),
         })
-    }
-
-    /// Tells every worker thread to exit (the daemon does this itself when dropped).
-    pub fn stop_workers(&self) {
-        for (_, notifier) in &self.inner.exit {
-            let _ = notifier.notify();
-        }
     }
 
     /// The event id of the drive's io_uring completion eventfd in every worker's epoll (ids up
@@ -216,8 +208,7 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) = self.inner.exit.get(thread_index)?;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+        self.inner.exit.get(thread_index)
     }
 
     fn handle_event(

@@ -15,9 +15,12 @@
 //! The second is a plain vhost-user backend program (the vhost-user spec's conventions:
 //! `--socket-path`, `--fd`, `--print-capabilities`, and `--blk-file PATH --read-only`).
 //! Every connection gets a new daemon, so a frontend that disconnects and reconnects is served
-//! again; the image is flushed whenever a connection ends.
+//! again; the image is flushed whenever a connection ends. SIGTERM, SIGINT and SIGHUP flush
+//! every image and end blockd: 0, or 1 if a flush failed (`vhost_backend_kit::signals`).
+//! The program conventions, the serve loop and the exit are the backend kit's; this file holds
+//! the drives: their options, opening them, what a connection's end does.
 
-use std::os::unix::io::FromRawFd;
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -28,10 +31,11 @@ use blockd::disk::{self, Format, OpenFlags};
 use blockd::engine::{DriveRuntime, Image};
 use blockd::request::{Drive, Limits, ID_BYTES};
 use blockd::service::BlockService;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_backend_kit::cli::{self, Common, Opt, Program, UsageError};
+use vhost_backend_kit::serve::{BoxError, Device, Servers};
+use vhost_backend_kit::signals::ExitSignals;
+use vhost_user_backend::VringEpollHandler;
 use vm_config::{BlockdConfig, CacheMode, DriveConfig, DriveFormat, ErrorAction};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 const USAGE: &str = "usage: blockd --config-json JSON --dbus-address ADDR --instance NAME [--ready-fd FD]\n       \
 blockd (--socket-path PATH | --fd N) --drive file=IMG,format=raw|qcow2[,readonly=on][,serial=S][,id=ID][,cache=C][,werror=A][,rerror=A][,aio=threads|io_uring] [--num-queues N] [--dbus-address ADDR --instance NAME]\n       \
@@ -49,26 +53,20 @@ enum MainError {
         #[source]
         source: disk::OpenError,
     },
-    #[error("listening on {path}: {source}")]
-    Listen {
-        path: String,
-        #[source]
-        source: vhost::vhost_user::Error,
-    },
-    #[error("setting up the backend: {0}")]
-    Backend(#[from] blockd::backend::BackendError),
-    #[error("serving a connection: {0}")]
-    Daemon(vhost_user_backend::Error),
+    #[error(transparent)]
+    Listen(#[from] cli::ListenError),
+    #[error(transparent)]
+    Serve(#[from] vhost_backend_kit::serve::ServeError),
     #[error(transparent)]
     Dbus(#[from] daemon_start::BusThreadError),
     #[error("the recorded images: {0}")]
     State(#[from] blockd::state::StateError),
 }
 
-/// Where a drive's frontend connects.
-enum SocketSpec {
-    Path(PathBuf),
-    Fd(i32),
+impl From<UsageError> for MainError {
+    fn from(e: UsageError) -> MainError {
+        MainError::Usage(e.0)
+    }
 }
 
 /// `aio=`: how raw images do their reads and writes (QEMU's option name).
@@ -81,14 +79,11 @@ enum Aio {
 }
 
 struct Args {
+    common: Common,
     aio: Aio,
     config: Option<BlockdConfig>,
-    socket: Option<SocketSpec>,
     drive: Option<DriveConfig>,
     num_queues: u16,
-    dbus: Option<(String, String)>,
-    ready_fd: Option<i32>,
-    print_capabilities: bool,
 }
 
 fn on_off(key: &str, v: &str) -> Result<bool, MainError> {
@@ -161,82 +156,60 @@ fn parse_drive(spec: &str) -> Result<DriveConfig, MainError> {
 }
 
 fn parse_args() -> Result<Args, MainError> {
-    let mut args = Args {
-        aio: Aio::IoUring,
-        config: None,
-        socket: None,
-        drive: None,
-        num_queues: 4,
-        dbus: None,
-        ready_fd: None,
-        print_capabilities: false,
-    };
-    let (mut blk_file, mut read_only, mut address, mut instance) = (None, false, None, None);
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value =
-            || inline.clone().or_else(|| it.next()).ok_or_else(|| MainError::Usage(format!("{name} needs a value")));
-        match name.as_str() {
-            "--config-json" => args.config = Some(BlockdConfig::from_json(&value()?).map_err(MainError::Config)?),
-            "--socket-path" => args.socket = Some(SocketSpec::Path(PathBuf::from(value()?))),
-            "--fd" => {
-                let fd = value()?.parse().map_err(|_| MainError::Usage("--fd: not a number".into()))?;
-                args.socket = Some(SocketSpec::Fd(fd));
-            }
+    let (mut aio, mut drive, mut num_queues) = (Aio::IoUring, None, 4u16);
+    let (mut blk_file, mut read_only) = (None, false);
+    // Errors of blockd's own options, which are richer than a usage line.
+    let mut own_error = None;
+    let mut own = |opt: &mut Opt| -> Result<bool, UsageError> {
+        match opt.name() {
             "--drive" => {
                 // aio= is not part of DriveConfig: take it out first.
-                let spec = value()?;
+                let spec = opt.value()?;
                 let mut rest = Vec::new();
                 for part in spec.split(',') {
                     match part {
-                        "aio=threads" => args.aio = Aio::Threads,
-                        "aio=io_uring" => args.aio = Aio::IoUring,
+                        "aio=threads" => aio = Aio::Threads,
+                        "aio=io_uring" => aio = Aio::IoUring,
                         p if p.starts_with("aio=") => {
-                            return Err(MainError::Usage(format!("--drive: {p}: threads or io_uring")));
+                            return Err(UsageError(format!("--drive: {p}: threads or io_uring")));
                         }
                         p => rest.push(p),
                     }
                 }
-                args.drive = Some(parse_drive(&rest.join(","))?);
-            }
-            "--blk-file" => blk_file = Some(PathBuf::from(value()?)),
-            "--read-only" => read_only = true,
-            "--num-queues" => {
-                args.num_queues =
-                    value()?.parse().map_err(|_| MainError::Usage("--num-queues: not a number".into()))?;
-                if !(1..=64).contains(&args.num_queues) {
-                    return Err(MainError::Usage("--num-queues: 1 to 64".into()));
+                match parse_drive(&rest.join(",")) {
+                    Ok(d) => drive = Some(d),
+                    Err(e) => {
+                        own_error = Some(e);
+                        return Err(UsageError::new(""));
+                    }
                 }
             }
-            "--dbus-address" => address = Some(value()?),
-            "--instance" => instance = Some(value()?),
-            "--ready-fd" => {
-                let fd = value()?.parse().ok().filter(|&n: &i32| n > 2);
-                args.ready_fd =
-                    Some(fd.ok_or_else(|| MainError::Usage("--ready-fd needs a descriptor above 2".into()))?);
+            "--blk-file" => blk_file = Some(PathBuf::from(opt.value()?)),
+            "--read-only" => read_only = true,
+            "--num-queues" => {
+                num_queues = opt.value()?.parse().map_err(|_| UsageError::new("--num-queues: not a number"))?;
+                if !(1..=64).contains(&num_queues) {
+                    return Err(UsageError::new("--num-queues: 1 to 64"));
+                }
             }
-            "--print-capabilities" => args.print_capabilities = true,
-            "-h" | "--help" => return Err(MainError::Usage(String::new())),
-            other => return Err(MainError::Usage(format!("unknown argument '{other}'"))),
+            _ => return Ok(false),
         }
+        Ok(true)
+    };
+    let parsed = cli::parse(std::env::args().skip(1), &mut own);
+    if let Some(e) = own_error {
+        return Err(e);
     }
+    let common = parsed?;
+    let config = common.config_json.as_deref().map(BlockdConfig::from_json).transpose().map_err(MainError::Config)?;
     if let Some(file) = blk_file {
         let mut d = parse_drive(&format!("file={}", file.display()))?;
         d.readonly = read_only;
-        args.drive = Some(d);
-    } else if let Some(d) = args.drive.as_mut() {
+        drive = Some(d);
+    } else if let Some(d) = drive.as_mut() {
         d.readonly |= read_only;
     }
-    match (address, instance) {
-        (Some(a), Some(i)) => args.dbus = Some((a, i)),
-        (None, None) => {}
-        _ => return Err(MainError::Usage("--dbus-address and --instance go together".into())),
-    }
-    Ok(args)
+    Ok(Args { common, aio, config, drive, num_queues })
 }
 
 /// Opens a drive's image and wraps it for serving.
@@ -267,38 +240,36 @@ fn open_drive(cfg: &DriveConfig, aio: Aio) -> Result<Arc<DriveRuntime>, MainErro
     Ok(DriveRuntime::with_uring(&cfg.id, drive, Image { file: cfg.file.clone(), format }, direct, uring))
 }
 
-fn listen(spec: &SocketSpec) -> Result<Listener, MainError> {
-    match spec {
-        SocketSpec::Path(path) => {
-            Listener::new(path, true).map_err(|source| MainError::Listen { path: path.display().to_string(), source })
-        }
-        // SAFETY: the caller hands us this descriptor as a listening unix socket (the
-        // vhost-user spec's --fd convention); nothing else in this process owns it.
-        SocketSpec::Fd(fd) => Ok(unsafe { Listener::from_raw_fd(*fd) }),
-    }
+/// One drive served on a socket: a [`BlockBackend`] per connection.
+struct DriveDevice {
+    drive: Arc<DriveRuntime>,
+    num_queues: usize,
 }
 
-/// Serves one drive's socket: a new daemon per frontend connection, for ever.
-fn serve_socket(drive: Arc<DriveRuntime>, mut listener: Listener, num_queues: usize) -> Result<(), MainError> {
-    loop {
-        let backend = BlockBackend::new(drive.clone(), num_queues)?;
-        let mut daemon =
-            VhostUserDaemon::new("blockd".into(), backend.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
-                .map_err(MainError::Daemon)?;
+impl Device for DriveDevice {
+    type Backend = BlockBackend;
+    type Session = ();
+
+    fn label(&self) -> &str {
+        &self.drive.id
+    }
+
+    fn backend(&self) -> Result<BlockBackend, BoxError> {
+        Ok(BlockBackend::new(self.drive.clone(), self.num_queues)?)
+    }
+
+    fn attach(&self, backend: &BlockBackend, workers: &[Arc<VringEpollHandler<BlockBackend>>]) -> Result<(), BoxError> {
         // io_uring completions are reaped by the queue workers themselves.
-        backend.attach(&daemon.get_epoll_handlers())?;
-        daemon.start(&mut listener).map_err(MainError::Daemon)?;
-        tracing::info!(device = %drive.id, "frontend connected");
-        match daemon.wait() {
-            Ok(()) => tracing::info!(device = %drive.id, "frontend disconnected"),
-            Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => tracing::info!(device = %drive.id, "frontend disconnected"),
-            Err(e) => tracing::warn!(device = %drive.id, "connection ended: {e}"),
-        }
+        Ok(backend.attach(workers)?)
+    }
+
+    fn connected(&self, _backend: &BlockBackend) -> Result<(), BoxError> {
+        Ok(())
+    }
+
+    fn disconnected(&self, backend: &BlockBackend) {
+        let drive = &self.drive;
         tracing::info!(device = %drive.id, served = ?backend.served(), "requests completed per queue");
-        backend.stop_workers();
-        drop(daemon);
         drive.set_backend_req(None);
         drive.drop_held();
         if !drive.drive.readonly {
@@ -309,37 +280,42 @@ fn serve_socket(drive: Arc<DriveRuntime>, mut listener: Listener, num_queues: us
     }
 }
 
-fn run() -> Result<(), MainError> {
-    let signals = block_exit_signals();
-    let args = parse_args()?;
-    if args.print_capabilities {
-        println!("{{\"type\": \"block\", \"features\": [\"read-only\", \"blk-file\"]}}");
-        return Ok(());
+/// Flushes every writable image (qcow2 metadata may still be in imago's caches) and returns
+/// the exit status: 1 if one failed. Logs only after flushing: stderr may be a full pipe.
+fn flush_images(drives: &[Arc<DriveRuntime>]) -> i32 {
+    let failed: Vec<_> = drives
+        .iter()
+        .filter(|d| !d.drive.readonly)
+        .filter_map(|d| d.drive.disk().flush().err().map(|e| (d.id.clone(), e)))
+        .collect();
+    for (id, e) in &failed {
+        tracing::error!(device = %id, "flushing the image: {e}");
     }
+    i32::from(!failed.is_empty())
+}
+
+fn run(exit: ExitSignals) -> Result<Infallible, MainError> {
+    let args = parse_args()?;
     // (drive config, where its frontend connects)
-    let mut drives: Vec<(DriveConfig, Option<SocketSpec>)> = Vec::new();
+    let mut drives: Vec<(DriveConfig, Option<cli::SocketSpec>)> = Vec::new();
     let mut state_file = None;
     match (args.config, args.drive) {
-        (Some(cfg), None) if args.socket.is_none() => {
-            if args.dbus.is_none() {
+        (Some(cfg), None) if args.common.socket.is_none() => {
+            if args.common.bus.is_none() {
                 return Err(MainError::Usage("--config-json needs --dbus-address and --instance".into()));
             }
             let mut cfg = cfg;
             // A blockd restarted after a snapshot goes on with the overlays it recorded.
             if let Some(path) = &cfg.state_file {
-                match blockd::state::State::load(path) {
-                    Ok(Some(state)) => {
-                        for id in state.apply(&mut cfg.drives) {
-                            tracing::info!(device = %id, state = %path.display(), "using the image recorded before the restart");
-                        }
+                if let Some(state) = blockd::state::State::load(path)? {
+                    for id in state.apply(&mut cfg.drives) {
+                        tracing::info!(device = %id, state = %path.display(), "using the image recorded before the restart");
                     }
-                    Ok(None) => {}
-                    Err(e) => return Err(e.into()),
                 }
             }
             state_file = cfg.state_file.clone();
             for d in cfg.drives {
-                let s = d.socket.clone().map(SocketSpec::Path);
+                let s = d.socket.clone().map(cli::SocketSpec::Path);
                 drives.push((d, s));
             }
         }
@@ -348,7 +324,11 @@ fn run() -> Result<(), MainError> {
             if d.serial.is_none() {
                 d.serial = d.file.file_name().map(|n| n.to_string_lossy().into_owned());
             }
-            let socket = args.socket.ok_or_else(|| MainError::Usage("give one of --socket-path and --fd".into()))?;
+            let socket = args
+                .common
+                .socket
+                .clone()
+                .ok_or_else(|| MainError::Usage("give one of --socket-path and --fd".into()))?;
             d.num_queues = args.num_queues;
             drives.push((d, Some(socket)));
         }
@@ -367,89 +347,30 @@ fn run() -> Result<(), MainError> {
     for (cfg, socket) in &drives {
         let rt = open_drive(cfg, args.aio)?;
         if let Some(s) = socket {
-            listeners.push((rt.clone(), listen(s)?, usize::from(cfg.num_queues.clamp(1, 64))));
+            listeners.push((rt.clone(), s.listen()?, usize::from(cfg.num_queues.clamp(1, 64))));
         }
         runtimes.push(rt);
     }
-    flush_and_exit_on_signal(signals, runtimes.clone());
+    exit.on_exit({
+        let runtimes = runtimes.clone();
+        move |_signal| flush_images(&runtimes)
+    });
     let svc = Arc::new(BlockService::new(runtimes).with_state_file(state_file));
-    let _dbus = match &args.dbus {
-        Some((address, instance)) => Some(DbusServer::start(svc.clone(), address, instance)?),
+    let _dbus = match &args.common.bus {
+        Some(bus) => Some(DbusServer::start(svc.clone(), &bus.address, &bus.instance)?),
         None => None,
     };
-
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<(String, MainError)>();
-    for (rt, listener, nq) in listeners {
-        let tx = done_tx.clone();
-        let id = rt.id.clone();
-        std::thread::Builder::new()
-            .name(format!("vu-{id}"))
-            .spawn(move || {
-                if let Err(e) = serve_socket(rt, listener, nq) {
-                    let _ = tx.send((id, e));
-                }
-            })
-            .map_err(|e| MainError::Usage(format!("cannot start a thread: {e}")))?;
+    let mut servers = Servers::new();
+    for (drive, listener, num_queues) in listeners {
+        servers.spawn(Arc::new(DriveDevice { drive, num_queues }), listener)?;
     }
-    drop(done_tx);
-    if let Some(fd) = args.ready_fd {
-        if let Err(e) = daemon_start::report_ready(fd) {
-            tracing::warn!("cannot report readiness on fd {fd}: {e}");
-        }
-    }
-    match done_rx.recv() {
-        Ok((id, e)) => {
-            tracing::error!(device = %id, "serving the drive failed: {e}");
-            Err(e)
-        }
-        // No socket at all (only socket-less drives): serve D-Bus until a signal ends us.
-        Err(_) => loop {
-            std::thread::park();
-        },
-    }
+    args.common.report_ready();
+    Err(servers.wait().into())
 }
 
-/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread started after it (call
-/// it first: the I/O threads must not take them); [`flush_and_exit_on_signal`] waits for them.
-fn block_exit_signals() -> libc::sigset_t {
-    // SAFETY: plain libc signal-set manipulation on a local, initialised sigset_t.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// SIGTERM, SIGINT and SIGHUP (blocked by [`block_exit_signals`]) flush the images (qcow2
-/// metadata lives in imago's caches) and end the process; one thread waits for them.
-fn flush_and_exit_on_signal(set: libc::sigset_t, drives: Vec<Arc<DriveRuntime>>) {
-    std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: sigwait on a valid set, writing into a local.
-        unsafe { libc::sigwait(&set, &mut sig) };
-        tracing::info!("signal {sig}: flushing the images and exiting");
-        let mut failed = false;
-        for d in drives.iter().filter(|d| !d.drive.readonly) {
-            if let Err(e) = d.drive.disk().flush() {
-                tracing::error!(device = %d.id, "flushing the image: {e}");
-                failed = true;
-            }
-        }
-        std::process::exit(i32::from(failed));
-    });
-}
+const PROGRAM: Program =
+    Program { name: "blockd", log_var: "BLOCKD_LOG", device_type: "block", features: &["read-only", "blk-file"] };
 
 fn main() -> ExitCode {
-    daemon_logging::init_from("BLOCKD_LOG", "info");
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("blockd: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::run(&PROGRAM, run)
 }
