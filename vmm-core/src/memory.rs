@@ -3,6 +3,7 @@
 
 use crate::layout;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
@@ -18,6 +19,8 @@ pub enum MemoryError {
     Memfd(#[source] nix::Error),
     #[error("sizing the guest RAM memfd to {1} bytes")]
     Truncate(#[source] std::io::Error, u64),
+    #[error("sealing the guest RAM memfd against shrinking and growing")]
+    Seal(#[source] nix::Error),
     #[error("mapping guest RAM")]
     Map(#[source] vm_memory::mmap::FromRangesError),
 }
@@ -93,11 +96,16 @@ impl GuestRam {
         }
         let fd = nix::sys::memfd::memfd_create(
             c"flotilla-guest-ram",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
         )
         .map_err(MemoryError::Memfd)?;
         let file = Arc::new(File::from(fd));
         file.set_len(size).map_err(|e| MemoryError::Truncate(e, size))?;
+        // Every backend maps this file: a size change by anyone holding it (a backend, or a
+        // bug here) would SIGBUS the others. Hole punching (a balloon's freed pages) stays
+        // allowed: only F_SEAL_WRITE would forbid it.
+        let seals = nix::fcntl::SealFlag::F_SEAL_SHRINK | nix::fcntl::SealFlag::F_SEAL_GROW;
+        nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_ADD_SEALS(seals)).map_err(MemoryError::Seal)?;
         let mut offset = 0u64;
         let regions: Vec<_> = ram_ranges(size)
             .into_iter()
@@ -147,6 +155,27 @@ mod tests {
         ram.mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).expect("write");
         let v: u32 = ram.mem.read_obj(GuestAddress(0x1000)).expect("read");
         assert_eq!(v, 0xdead_beef);
+        assert_eq!(ram.memfd.metadata().expect("stat").len(), 32 << 20);
+    }
+
+    #[test]
+    fn the_memfd_is_sealed_against_size_changes_but_holes_can_be_punched() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(32 << 20).expect("ram");
+        let seals = nix::fcntl::fcntl(ram.memfd.as_raw_fd(), nix::fcntl::FcntlArg::F_GET_SEALS).expect("seals");
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        assert_eq!(seals & want, want);
+        assert!(ram.memfd.set_len(16 << 20).is_err(), "shrink refused");
+        assert!(ram.memfd.set_len(64 << 20).is_err(), "grow refused");
+        assert_eq!(ram.memfd.metadata().expect("stat").len(), 32 << 20);
+        // What balloond does with a freed page: punch it out; it reads back as zeros.
+        ram.mem.write_obj(0x5a5a_5a5au32, GuestAddress(0x20_0000)).expect("write");
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on a live fd with a range inside the file.
+        let rc = unsafe { libc::fallocate(ram.memfd.as_raw_fd(), punch, 0x20_0000, 0x1000) };
+        assert_eq!(rc, 0, "punching a hole: {}", std::io::Error::last_os_error());
+        let v: u32 = ram.mem.read_obj(GuestAddress(0x20_0000)).expect("read");
+        assert_eq!(v, 0);
         assert_eq!(ram.memfd.metadata().expect("stat").len(), 32 << 20);
     }
 }

@@ -122,7 +122,7 @@ impl VcpuHandle {
                 // SAFETY: pthread_self has no preconditions.
                 let me = unsafe { libc::pthread_self() };
                 let _ = ptx.send(me);
-                let mut t = VcpuThread { vcpu, index, ctx, running: false, initial: None };
+                let mut t = VcpuThread { vcpu, index, ctx, running: false, initial: None, io_pending: false };
                 t.main(rx);
                 alive_t.store(false, Ordering::SeqCst);
             })
@@ -195,6 +195,9 @@ struct VcpuThread {
     running: bool,
     /// Power-on sregs and LAPIC, captured before the first run, restored on reset.
     initial: Option<(kvm_sregs, kvm_lapic_state)>,
+    /// The last exit was an MMIO or port access: KVM finishes it (loads a read's data into the
+    /// register, advances RIP) only at the next KVM_RUN.
+    io_pending: bool,
 }
 
 struct ClearImmediateExit;
@@ -216,6 +219,9 @@ impl VcpuThread {
             if !self.running {
                 match rx.recv() {
                     Ok(req) => {
+                        // A vCPU that stopped itself at an access (a reset port write) has it
+                        // unfinished too.
+                        self.complete_io();
                         if !self.handle(req) {
                             return;
                         }
@@ -225,6 +231,8 @@ impl VcpuThread {
                 continue;
             }
             while let Ok(req) = rx.try_recv() {
+                // Registers read, saved or reset now must include the access the guest made.
+                self.complete_io();
                 if !self.handle(req) {
                     return;
                 }
@@ -233,6 +241,26 @@ impl VcpuThread {
                 self.run_once();
             }
         }
+    }
+
+    /// Re-enters KVM_RUN with `immediate_exit` set when an MMIO/PIO exit is unfinished: KVM
+    /// completes the emulated access and returns EINTR without running guest code (the KVM API
+    /// documentation's way to make the vCPU state consistent before pausing or inspecting it).
+    fn complete_io(&mut self) {
+        // Finishing one access can start the next (a string PIO or a split MMIO access exits
+        // again): serve those too, bounded.
+        for _ in 0..1024 {
+            if !self.io_pending {
+                break;
+            }
+            self.vcpu.set_kvm_immediate_exit(1);
+            self.run_once();
+        }
+        if self.io_pending {
+            tracing::warn!(cpu = self.index, "an MMIO/PIO access did not complete after 1024 re-entries");
+            self.io_pending = false;
+        }
+        self.vcpu.set_kvm_immediate_exit(0);
     }
 
     /// Returns false on Exit.
@@ -299,7 +327,12 @@ impl VcpuThread {
 
     fn run_once(&mut self) {
         let ctx = self.ctx.clone();
-        match self.vcpu.run() {
+        let result = self.vcpu.run();
+        self.io_pending = matches!(
+            result,
+            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..))
+        );
+        match result {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
                     if !ctx.io_bus.read(port as u64, data) {
@@ -356,5 +389,84 @@ impl VcpuThread {
             Ok(r) => format!(" at rip={:#x} rsp={:#x}", r.rip, r.rsp),
             Err(_) => String::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::bus::BusDevice;
+    use kvm_ioctls::Kvm;
+    use std::sync::{Mutex, OnceLock};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+    /// Port 0x81: answers 0x99 and, during the access, asks its vCPU where it is (as a QMP
+    /// `query-cpus` landing right after a port exit would).
+    struct AskDuringAccess {
+        tx: Arc<OnceLock<Sender<VcpuRequest>>>,
+        reply: Arc<Mutex<Option<Receiver<VcpuInfo>>>>,
+    }
+    impl BusDevice for AskDuringAccess {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0x99);
+            if let Some(tx) = self.tx.get() {
+                let (rtx, rrx) = channel();
+                let _ = tx.send(VcpuRequest::Info(rtx));
+                *crate::devices::bus::lock(&self.reply) = Some(rrx);
+            }
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    #[test]
+    fn a_request_after_a_port_exit_sees_the_access_completed() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("no /dev/kvm: skipped");
+            return;
+        };
+        let vm = kvm.create_vm().expect("vm");
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("mem");
+        // 0x1000: in al, 0x81; 0x1002: jmp $ (real mode, so KVM_RUN loops there until kicked).
+        mem.write_slice(&[0xe4, 0x81, 0xeb, 0xfe], GuestAddress(0x1000)).expect("code");
+        let region = mem.iter().next().expect("region");
+        let mr = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping lives in `mem`, which outlives the VM (dropped after it below).
+        unsafe { vm.set_user_memory_region(mr) }.expect("memory");
+        let vcpu = vm.create_vcpu(0).expect("vcpu");
+        let mut sregs = vcpu.get_sregs().expect("sregs");
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).expect("set sregs");
+        vcpu.set_regs(&kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() }).expect("regs");
+
+        let tx = Arc::new(OnceLock::new());
+        let reply = Arc::new(Mutex::new(None));
+        let mut io_bus = Bus::default();
+        let dev = AskDuringAccess { tx: tx.clone(), reply: reply.clone() };
+        io_bus.insert(0x81, 1, Arc::new(Mutex::new(dev))).expect("port");
+        let (control, _control_rx) = channel();
+        let ctx = Arc::new(VcpuContext { io_bus, mmio_bus: Bus::default(), mem: mem.clone(), control });
+        let handle = VcpuHandle::spawn(vcpu, 0, ctx).expect("spawn");
+        let _ = tx.set(handle.tx.clone());
+        handle.resume().expect("resume");
+        let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+        let rrx = loop {
+            if let Some(r) = crate::devices::bus::lock(&reply).take() {
+                break r;
+            }
+            assert!(std::time::Instant::now() < deadline, "the guest never read the port");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let info = rrx.recv_timeout(REPLY_TIMEOUT).expect("info");
+        // Unfinished, the vCPU would still be at the `in` (0x1000) with AL not loaded.
+        assert_eq!(info.pc, 0x1002, "the IN was completed before the request was served");
+        drop(handle);
+        drop(vm);
     }
 }

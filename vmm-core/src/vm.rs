@@ -19,7 +19,7 @@ use crate::memory::{GuestRam, MemoryError};
 use crate::runstate::{EventCallback, EventHub, EventReason, RunState, VmEvent, VmEventKind};
 use crate::vcpu::{ControlMsg, VcpuContext, VcpuError, VcpuHandle, VcpuInfo};
 use crate::vhost_user::{self, FrontendError, MachineParts};
-use crate::virtio_pci::BAR_SIZE;
+use crate::virtio_pci::{DeviceSignals, BAR_SIZE};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use std::io::Write;
@@ -132,6 +132,8 @@ struct VmInner {
     mmio: Bus,
     /// The 32-bit PCI window where BARs live.
     pci_window: MmioWindow,
+    /// Each vhost-user function's signals, to wait for its backend to stop at a reset.
+    virtio_signals: Vec<Arc<DeviceSignals>>,
 }
 
 /// A running (or paused) machine. Cloning shares it.
@@ -156,6 +158,8 @@ impl Write for ChardevWriter {
 }
 
 const MAX_CPUS_LIMIT: usize = 255;
+/// How long a machine reset waits for the vhost-user backends to stop their rings.
+const BACKEND_STOP_WAIT: Duration = Duration::from_secs(5);
 
 impl Vm {
     /// Builds the machine and starts it (or leaves it in `prelaunch` with `-S`).
@@ -229,7 +233,7 @@ impl Vm {
         mmio_bus.insert(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE, Arc::new(Mutex::new(pci_window.clone())))?;
         // Until VmInner owns the window (and clears it when dropped), an error clears it here.
         let window_guard = ClearWindowOnError(Some(pci_window.clone()));
-        let pci_slots = add_vhost_user_functions(&cfg, &ram, &irq_router, &pci_window, &vm, &pci)?;
+        let (pci_slots, virtio_signals) = add_vhost_user_functions(&cfg, &ram, &irq_router, &pci_window, &vm, &pci)?;
 
         let serial = match &cfg.serial {
             Some(chr) => {
@@ -283,6 +287,7 @@ impl Vm {
             irq: irq_router,
             mmio,
             pci_window,
+            virtio_signals,
         });
         window_guard.disarm();
         inner.load_and_reset_cpus()?;
@@ -542,9 +547,10 @@ fn add_vhost_user_functions(
     window: &MmioWindow,
     vm: &Arc<VmFd>,
     pci: &SharedPciBus,
-) -> Result<Vec<acpi::AcpiPciSlot>, VmError> {
+) -> Result<(Vec<acpi::AcpiPciSlot>, Vec<Arc<DeviceSignals>>), VmError> {
     let parts = MachineParts { mem: &ram.mem, irq, window, ioevents: vm.clone() };
     let mut slots = Vec::new();
+    let mut signals = Vec::new();
     let mut next_bar = layout::PCI_MMIO32_START;
     for dev in &cfg.vhost_user_devices {
         if !window.contains(next_bar, BAR_SIZE) {
@@ -558,6 +564,7 @@ fn add_vhost_user_functions(
             return Err(VmError::PciSlot { id: dev.id.clone(), slot });
         }
         let function = vhost_user::build_function(dev, next_bar, &parts)?;
+        signals.push(lock(&function).signals().clone());
         if !lock(pci).add_at(slot, function) {
             return Err(VmError::PciSlot { id: dev.id.clone(), slot });
         }
@@ -565,7 +572,7 @@ fn add_vhost_user_functions(
         slots.push(acpi::AcpiPciSlot { slot, irq_pin: 0 });
         next_bar += BAR_SIZE;
     }
-    Ok(slots)
+    Ok((slots, signals))
 }
 
 /// 0xCFC..0xCFF, forwarded to the config mechanism with the right offset.
@@ -647,6 +654,7 @@ impl VmInner {
         self.pause_all()?;
         // PCI functions back to power-on (their rings stopped, BARs where vmm-core put them).
         lock(&self.pci).reset();
+        self.wait_backends_stopped();
         self.load_and_reset_cpus()?;
         st.fault = None;
         let reason = if guest { EventReason::GuestReset } else { EventReason::HostQmpSystemReset };
@@ -661,6 +669,20 @@ impl VmInner {
             st.run = RunState::Prelaunch;
         }
         Ok(())
+    }
+
+    /// Waits until every vhost-user backend has stopped its rings (GET_VRING_BASE answered,
+    /// RESET_DEVICE done), so none writes guest RAM after it is reloaded or once the vCPUs run
+    /// again; bounded, since a hung backend must not hang the machine (its requests time out
+    /// and its connection is dropped within a few seconds anyway).
+    fn wait_backends_stopped(&self) {
+        let deadline = Instant::now() + BACKEND_STOP_WAIT;
+        for (i, s) in self.virtio_signals.iter().enumerate() {
+            if !s.wait_reset(deadline.saturating_duration_since(Instant::now())) {
+                let id = self.cfg.vhost_user_devices.get(i).map(|d| d.id.as_str()).unwrap_or("?");
+                tracing::warn!(id, wait_s = BACKEND_STOP_WAIT.as_secs(), "reset: the backend has not stopped its rings; going on");
+            }
+        }
     }
 
     fn finish(&self, reason: ExitReason, event: VmEventKind, why: EventReason) {

@@ -6,35 +6,56 @@
 //! ## Lifecycle
 //!
 //! A worker thread per device owns the connection ([`worker`]). The transport's requests
-//! (FEATURES_OK, DRIVER_OK, config writes, reset) are posted to it and never wait on the
-//! backend, so a vCPU is never blocked by one. On connect it sends SET_OWNER, GET_FEATURES,
-//! GET/SET_PROTOCOL_FEATURES (MQ, REPLY_ACK, CONFIG, BACKEND_REQ, RESET_DEVICE where offered;
-//! NEED_REPLY on every message once REPLY_ACK is on), GET_QUEUE_NUM, SET_BACKEND_REQ_FD,
-//! SET_MEM_TABLE (the guest-RAM memfd regions) and GET_CONFIG (cached: device-config reads are
-//! answered from the cache, also while no backend is there). At FEATURES_OK: SET_FEATURES (the
-//! driver's features plus the vhost-user protocol bit). At DRIVER_OK, per enabled queue:
-//! SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR (vmm-core's own virtual addresses),
-//! SET_VRING_KICK, SET_VRING_CALL (none for a queue without a vector), SET_VRING_ENABLE. A
-//! device reset stops the rings (GET_VRING_BASE) and sends RESET_DEVICE when negotiated.
-//! CONFIG_CHANGE_MSG on the backend-request channel re-reads the config, bumps
-//! `config_generation`, sets ISR bit 1 and signals the config vector.
+//! (FEATURES_OK, DRIVER_OK, config writes, reset) are posted to its [`mailbox`] and never wait
+//! on the backend, so a vCPU is never blocked by one; the mailbox coalesces (config writes by
+//! the bytes they cover, a stop with the start before it, everything a reset undoes) and is
+//! capped, so a guest hammering registers while the backend is slow cannot grow it without
+//! limit. On connect the worker sends SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES (MQ,
+//! REPLY_ACK, CONFIG, BACKEND_REQ, RESET_DEVICE, INFLIGHT_SHMFD where offered; NEED_REPLY on
+//! every message once REPLY_ACK is on), GET_QUEUE_NUM, SET_BACKEND_REQ_FD, SET_MEM_TABLE (the
+//! guest-RAM memfd regions; the memfd is sealed against shrinking and growing) and GET_CONFIG
+//! (cached: device-config reads are answered from the cache, also while no backend is there).
+//! At FEATURES_OK: SET_FEATURES (the driver's features plus the vhost-user protocol bit). At
+//! DRIVER_OK: each ring is checked whole against guest RAM (descriptor table 16 * size, avail
+//! ring 6 + 2 * size, used ring 6 + 8 * size bytes, each inside one region; otherwise
+//! DEVICE_NEEDS_RESET and no ring starts); with INFLIGHT_SHMFD, GET_INFLIGHT_FD (num_queues,
+//! the device's maximum queue size) the first time, then SET_INFLIGHT_FD; then per enabled
+//! queue SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR (vmm-core's own virtual addresses),
+//! SET_VRING_KICK, SET_VRING_CALL (none for a queue without a vector), SET_VRING_ERR,
+//! SET_VRING_ENABLE; and then every started queue's kick eventfd is written and every queue's
+//! vector signalled once. A driver stop (bus-master cleared) stops the rings with
+//! GET_VRING_BASE and keeps each reply as the ring's base for the next start. A device reset
+//! stops the rings, sends RESET_DEVICE when negotiated, and drops the inflight region (the
+//! next start gets a new one, as QEMU's vhost-user-blk does); the transport shows the old
+//! status until that is done, and a machine reset (`system_reset`, a guest reset) waits for it,
+//! at most 5 s, before guest RAM is reloaded and the vCPUs resume. CONFIG_CHANGE_MSG on the
+//! backend-request channel re-reads the config, bumps `config_generation`, sets ISR bit 1 and
+//! signals the config vector. A signal on a running ring's error eventfd (the backend found
+//! the ring broken, e.g. an avail index more than a queue size ahead) sets
+//! DEVICE_NEEDS_RESET with a config interrupt.
 //!
 //! ## Reconnect
 //!
 //! A backend absent at start or gone later never takes vmm-core down: the PCI function stays,
-//! the guest's kicks wait in the ioeventfds, and the worker retries every 50 ms doubling to 1 s
-//! (one info line per outage, one when it is back). A new connection replays everything: the
-//! handshake, SET_FEATURES, and the rings. Without inflight tracking (vhost-user-backend has
-//! none), each ring's base is the used ring's idx read from guest memory, so requests the dead
-//! backend took but never completed are run again: safe for block (rewrites of the same data)
-//! and balloon; not exact if the dead backend completed requests out of order (then a request
-//! may complete twice or not at all; inflight-fd support is where that gets fixed, see
-//! [`session::Session::start_queues`]). Seen with blockd, whose I/O pool does complete out of
-//! order: 20 writes in one kick, blockd killed after the first completion; in 1 of 4 runs one
-//! request never completed and another completed twice (QEMU without inflight has the same
-//! limit). One request in flight at the time of the crash is always replayed exactly. A new
-//! backend that lacks a feature the driver negotiated sets DEVICE_NEEDS_RESET. Device-config
-//! writes by the driver are replayed to a new backend after its GET_CONFIG.
+//! the guest's kicks wait in the ioeventfds, and the worker reconnects: at once when the
+//! socket appears (inotify on the socket's directory, then retries 2 ms apart for the moment
+//! between bind() and listen()), otherwise every 50 ms doubling to 1 s, sleeping in poll in
+//! between (one info line per outage, one when it is back). Measured over the mock backend, a
+//! restarted backend has both rings started about 1 ms after it listens (under 20 ms on a
+//! loaded machine). A new connection replays everything: the handshake, SET_FEATURES, the
+//! driver's config writes (after its GET_CONFIG), SET_INFLIGHT_FD with the region the first
+//! backend made (kept across reconnects until a reset), and the rings. Each ring's base is
+//! the one a driver stop saved if there is one; else 0 if no backend has had the ring since the
+//! reset; else the used ring's idx read from guest memory. A backend with inflight tracking
+//! (blockd, balloond on the backend kit) recomputes the position from its region and resubmits
+//! exactly what the dead one took and did not complete, in the spec's order, whatever order
+//! the dead one completed in. A backend without it runs again what the dead one took but never
+//! completed (safe for block rewrites and balloon), and if the dead one completed out of order,
+//! a request may complete twice or not at all (QEMU without inflight has the same limit). The
+//! kick and vector signal after every start wake both sides: a driver the old backend told not
+//! to notify (VRING_USED_F_NO_NOTIFY, or its avail event index) does not kick the new backend,
+//! and completions the old one made just before dying may not have been signalled.
+//! A new backend that lacks a feature the driver negotiated sets DEVICE_NEEDS_RESET.
 
 pub mod backend_req;
 pub mod mailbox;

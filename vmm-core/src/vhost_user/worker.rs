@@ -3,14 +3,16 @@
 //! device is in one of two well-defined states:
 //!
 //! - `Link::Down`: no backend. Driver requests only change `Desired`; kicks wait in the
-//!   ioeventfds; a reconnect is tried with backoff (50 ms doubling to 1 s).
+//!   ioeventfds; a reconnect is tried when the socket appears (inotify) and otherwise with
+//!   backoff (50 ms doubling to 1 s).
 //! - `Link::Up`: connected, and the backend holds exactly `Desired` (features acked at
 //!   FEATURES_OK, rings started at DRIVER_OK). Each driver request is applied to both.
 //!
 //! Any failed request, a hang-up on the socket or a broken backend-request channel drops the
 //! link to `Down`; a new connection replays `Desired` from the start (handshake, SET_FEATURES,
-//! vrings with their bases taken from the used rings). There is no half-configured state: a
-//! replay that fails part-way drops the link again and the next attempt starts over.
+//! the kept inflight region, vrings at their bases, see `Worker::base_for`). There is no
+//! half-configured state: a replay that fails part-way drops the link again and the next
+//! attempt starts over.
 
 use super::mailbox::Mailbox;
 use super::session::{ring_hva, used_idx, Inflight, RingStart, Session, SessionError};
