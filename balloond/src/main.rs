@@ -4,7 +4,7 @@
 //! balloond --config-json '<vm_config::BalloondConfig>' --dbus-address ADDR --instance NAME [--ready-fd FD]
 //! balloond --socket-path PATH --mem-bytes N [--dbus-address ADDR --instance NAME]
 //! balloond --fd N --mem-bytes N          # N: an inherited, listening unix socket
-//! balloond --print-capabilities          # {"type": "balloon", "features": []}
+//! balloond --print-capabilities          # {"type": "balloon"}
 //! ```
 //! `--stats-interval-ms MS` (default 1000, 0 = never): how often the guest's stats buffer is
 //! returned to ask for fresh numbers. With `--ready-fd` it writes `ready\n` there and closes it

@@ -54,9 +54,8 @@ impl SocketSpec {
     /// The listener, bound and listening.
     pub fn listen(&self) -> Result<Listener, ListenError> {
         match self {
-            SocketSpec::Path(path) => {
-                Listener::new(path, true).map_err(|source| ListenError::Path { path: path.display().to_string(), source })
-            }
+            SocketSpec::Path(path) => Listener::new(path, true)
+                .map_err(|source| ListenError::Path { path: path.display().to_string(), source }),
             SocketSpec::Fd(fd) => {
                 if !is_listening_socket(*fd) {
                     return Err(ListenError::NotListening(*fd));
@@ -196,9 +195,13 @@ pub struct Program {
     pub features: &'static [&'static str],
 }
 
-/// The JSON `--print-capabilities` prints.
+/// The JSON `--print-capabilities` prints (`features` left out when there are none: the spec
+/// makes it optional).
 pub fn capabilities_json(device_type: &str, features: &[&str]) -> String {
     // The names are the program's own constants; Debug quoting is JSON quoting for them.
+    if features.is_empty() {
+        return format!("{{\"type\": {device_type:?}}}");
+    }
     let features: Vec<String> = features.iter().map(|f| format!("{f:?}")).collect();
     format!("{{\"type\": {device_type:?}, \"features\": [{}]}}", features.join(", "))
 }
@@ -208,11 +211,14 @@ pub fn capabilities_json(device_type: &str, features: &[&str]) -> String {
 /// thread starts), the log, and calls `daemon`, which serves until a signal ends the process
 /// (see [`crate::signals`]) or returns an error, printed as `NAME: error` before the process
 /// exits 1 at once.
-pub fn run<E: std::fmt::Display>(program: &Program, daemon: impl FnOnce(ExitSignals) -> Result<Infallible, E>) -> ExitCode {
+pub fn run<E: std::fmt::Display>(
+    program: &Program,
+    daemon: impl FnOnce(ExitSignals) -> Result<Infallible, E>,
+) -> ExitCode {
     if std::env::args().skip(1).any(|a| a == "--print-capabilities") {
         let mut out = std::io::stdout().lock();
-        let printed = writeln!(out, "{}", capabilities_json(program.device_type, program.features))
-            .and_then(|()| out.flush());
+        let printed =
+            writeln!(out, "{}", capabilities_json(program.device_type, program.features)).and_then(|()| out.flush());
         return if printed.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     }
     let signals = match ExitSignals::install(CLEANUP_DEADLINE) {
@@ -245,8 +251,17 @@ mod tests {
 
     #[test]
     fn the_launcher_form() {
-        let c = parse_none(&["--config-json", "{}", "--dbus-address", "unix:path=/b", "--instance", "vm1", "--ready-fd", "7"])
-            .expect("parsed");
+        let c = parse_none(&[
+            "--config-json",
+            "{}",
+            "--dbus-address",
+            "unix:path=/b",
+            "--instance",
+            "vm1",
+            "--ready-fd",
+            "7",
+        ])
+        .expect("parsed");
         assert_eq!(c.config_json.as_deref(), Some("{}"));
         assert_eq!(c.bus, Some(Bus { address: "unix:path=/b".into(), instance: "vm1".into() }));
         assert_eq!(c.ready_fd, Some(7));
@@ -293,7 +308,7 @@ mod tests {
             capabilities_json("block", &["read-only", "blk-file"]),
             r#"{"type": "block", "features": ["read-only", "blk-file"]}"#
         );
-        assert_eq!(capabilities_json("balloon", &[]), r#"{"type": "balloon", "features": []}"#);
+        assert_eq!(capabilities_json("balloon", &[]), r#"{"type": "balloon"}"#);
     }
 
     #[test]
