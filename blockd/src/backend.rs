@@ -1,21 +1,26 @@
 //! The vhost-user side: features, the virtio-blk config space, and the queue workers (one
 //! thread per queue) that pop chains, hand them to [`Drive::process`] and complete them.
+//! Chains are taken and completed through the kit's tracked rings: inflight tracking when the
+//! frontend hands over a region, GET_VRING_BASE waiting for the ring's requests, and a ring
+//! with an impossible available index stopped instead of spun on.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::fs::File;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_backend_kit::queue::TrackedRings;
 use vhost::vhost_user::Backend;
 use vhost_backend_kit::serve::{ExitEventError, ExitEvents};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -27,6 +32,8 @@ use crate::request::SECTOR_SIZE;
 pub const MAX_QUEUE_SIZE: usize = 256;
 /// Length of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding.
 pub const CONFIG_LEN: usize = 60;
+/// How long GET_VRING_BASE waits for the ring's requests before answering anyway.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -51,6 +58,16 @@ struct Inner {
     exit: ExitEvents,
     /// Requests completed on each queue in this connection.
     served: Arc<Vec<AtomicU64>>,
+    /// This connection's rings as the kit tracks them (inflight region, requests in flight).
+    rings: TrackedRings,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The connection is over: completions still to come must not touch its rings (a new
+        // connection may be using them); the inflight region keeps their records.
+        self.rings.close();
+    }
 }
 
 impl BlockBackend {
@@ -64,6 +81,7 @@ impl BlockBackend {
                 mem: Mutex::new(None),
                 exit,
                 served: Arc::new((0..num_queues).map(|_| AtomicU64::new(0)).collect()),
+                rings: TrackedRings::new(num_queues),
             }),
         })
     }
@@ -113,23 +131,32 @@ impl BlockBackend {
         c
     }
 
-    /// Pops every available chain and hands it to the drive's I/O pool, which completes it
-    /// (used ring + interrupt) when its I/O is done: the queue depth the guest offers is kept.
-    fn process_queue(&self, queue: usize, vring: &VringRwLock, event_idx: bool) {
+    /// Takes every available chain (resubmitted ones first) and hands it to the drive's I/O
+    /// pool or io_uring, which complete it (used ring + interrupt) when its I/O is done: the
+    /// queue depth the guest offers is kept. Notifications stay off while chains come, so a
+    /// frontend adding requests meanwhile need not kick for them.
+    fn process_queue(&self, queue: usize, vring: &VringRwLock, event_idx: bool) -> io::Result<()> {
         let mem = self.inner.mem.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(mem) = mem else { return };
-        let mem = mem.memory();
-        loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
-            self.inner.drive.submit(Request {
-                chain,
-                vring: vring.clone(),
-                event_idx,
-                served: Some((self.inner.served.clone(), queue)),
-            });
-        }
-        self.inner.drive.flush_submissions();
+        let Some(mem) = mem else { return Ok(()) };
+        let Some(tracked) = self.inner.rings.queue(queue) else {
+            return Err(io::Error::other(format!("no queue {queue}")));
+        };
+        let drive = &self.inner.drive;
+        tracked.drain(
+            vring,
+            mem.memory(),
+            |taken| {
+                drive.submit(Request {
+                    chain: taken.chain,
+                    vring: vring.clone(),
+                    queue: tracked.clone(),
+                    ticket: taken.ticket,
+                    event_idx,
+                    served: Some((self.inner.served.clone(), queue)),
+                })
+            },
+            || drive.flush_submissions(),
+        )
     }
 }
 
@@ -176,6 +203,36 @@ impl VhostUserBackend for BlockBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        Ok(self.inner.rings.get_inflight_fd(inflight)?)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> io::Result<()> {
+        Ok(self.inner.rings.set_inflight_fd(inflight, file)?)
+    }
+
+    fn start_vring(&self, queue_index: u32, vring: &VringRwLock) -> io::Result<()> {
+        Ok(self.inner.rings.start_vring(queue_index, vring)?)
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The frontend stops the ring to know nothing writes guest RAM through it any more:
+        // wait for its requests, but those a stopping error policy holds (they stay in
+        // flight, and in the inflight region, until the VM resumes).
+        let Some(q) = self.inner.rings.queue(queue_index as usize) else { return Ok(()) };
+        let drive = &self.inner.drive;
+        if !q.wait_idle(STOP_WAIT, || drive.held_on(q)) {
+            tracing::warn!(
+                device = %drive.id,
+                queue = queue_index,
+                in_flight = q.in_flight(),
+                "ring stopped with requests still running after {STOP_WAIT:?}"
+            );
+        }
+        Ok(())
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
@@ -230,16 +287,6 @@ impl VhostUserBackend for BlockBackend {
             return Err(io::Error::other(format!("event for unknown queue {device_event}")));
         };
         let event_idx = *self.inner.event_idx.lock().unwrap_or_else(|p| p.into_inner());
-        // Take chains until the frontend adds nothing more while notifications are off (with
-        // EVENT_IDX: avail_event not advanced; without: VRING_USED_F_NO_NOTIFY set), so a
-        // frontend that adds requests while a batch is being submitted need not kick for them.
-        loop {
-            vring.disable_notification().map_err(io::Error::other)?;
-            self.process_queue(thread, vring, event_idx);
-            if !vring.enable_notification().map_err(io::Error::other)? {
-                break;
-            }
-        }
-        Ok(())
+        self.process_queue(thread, vring, event_idx)
     }
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+use vhost_backend_kit::queue::{Ticket, TrackedQueue};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::DescriptorChain;
@@ -37,6 +38,10 @@ pub const IO_THREADS: usize = 64;
 pub struct Request {
     pub chain: Chain,
     pub vring: VringRwLock,
+    /// The ring as the kit tracks it (inflight region, requests in flight), and this
+    /// request's place in it: completing goes through it.
+    pub queue: Arc<TrackedQueue>,
+    pub ticket: Ticket,
     pub event_idx: bool,
     /// Requests completed on this queue, for the per-connection log.
     pub served: Option<(Arc<Vec<AtomicU64>>, usize)>,
@@ -100,10 +105,11 @@ impl Request {
         });
     }
 
+    /// The used ring and the inflight region, as one step on the queue (the kit's critical
+    /// section): false when the element was not added (a ring restarted or a connection
+    /// gone since the request was taken: its record stays for the next start to resubmit).
     fn add_used(&self, used_len: u32) -> bool {
-        let head = self.chain.head_index();
-        if let Err(e) = self.vring.add_used(head, used_len) {
-            tracing::warn!("adding a used entry: {e}");
+        if !self.queue.add_used(&self.vring, self.ticket, used_len) {
             return false;
         }
         if let Some((counters, q)) = &self.served {
@@ -425,6 +431,11 @@ impl DriveRuntime {
     /// Requests held by a stopping error policy.
     pub fn held_count(&self) -> usize {
         lock(&self.held).len()
+    }
+
+    /// Requests of `queue` held by a stopping error policy: in flight, but not running.
+    pub fn held_on(&self, queue: &Arc<TrackedQueue>) -> usize {
+        lock(&self.held).iter().filter(|r| Arc::ptr_eq(&r.queue, queue)).count()
     }
 
     /// Submits anything still queued to io_uring (once per batch of chains popped from a

@@ -86,8 +86,6 @@ struct State {
     resubmit: VecDeque<u16>,
     /// Taken in this generation and not completed.
     in_flight: usize,
-    /// Of those, held by the device (e.g. werror=stop): in flight but doing nothing.
-    held: usize,
     /// The driver published an available index more than a queue size ahead.
     broken: bool,
     /// The connection is over.
@@ -133,7 +131,6 @@ impl TrackedQueue {
         let mut st = lock(&self.state);
         st.generation += 1;
         st.in_flight = 0;
-        st.held = 0;
         st.broken = false;
         st.closed = false;
         st.resubmit.clear();
@@ -178,7 +175,6 @@ impl TrackedQueue {
         st.closed = true;
         st.generation += 1;
         st.in_flight = 0;
-        st.held = 0;
         self.idle.notify_all();
     }
 
@@ -268,33 +264,11 @@ impl TrackedQueue {
             }
         }
         st.in_flight = st.in_flight.saturating_sub(1);
-        if st.in_flight <= st.held {
-            self.idle.notify_all();
-        }
+        self.idle.notify_all();
         added
     }
 
-    /// The device holds a taken chain without running it (a stopping error policy): it stays
-    /// in flight (and recorded) but [`TrackedQueue::wait_idle`] does not wait for it.
-    pub fn hold(&self, ticket: Ticket) {
-        let mut st = lock(&self.state);
-        if ticket.generation == st.generation {
-            st.held += 1;
-            if st.in_flight <= st.held {
-                self.idle.notify_all();
-            }
-        }
-    }
-
-    /// A held chain runs again.
-    pub fn unhold(&self, ticket: Ticket) {
-        let mut st = lock(&self.state);
-        if ticket.generation == st.generation {
-            st.held = st.held.saturating_sub(1);
-        }
-    }
-
-    /// Chains taken since the ring started and not completed (held ones included).
+    /// Chains taken since the ring started and not completed.
     pub fn in_flight(&self) -> usize {
         lock(&self.state).in_flight
     }
@@ -304,19 +278,25 @@ impl TrackedQueue {
         lock(&self.state).broken
     }
 
-    /// Waits until every chain taken is completed or held, at most `timeout`. Returns whether
-    /// it got there.
-    pub fn wait_idle(&self, timeout: Duration) -> bool {
+    /// Waits, at most `timeout`, until every chain taken is completed but the `parked()` ones
+    /// the device holds without running (a stopping error policy keeps them in flight, and
+    /// recorded, until the VM resumes). Returns whether it got there.
+    pub fn wait_idle(&self, timeout: Duration, parked: impl Fn() -> usize) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut st = lock(&self.state);
-        while st.in_flight > st.held {
+        loop {
+            // Outside the queue's lock: `parked` may take the device's.
+            let parked = parked();
+            let st = lock(&self.state);
+            if st.in_flight <= parked {
+                return true;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
             }
-            st = self.idle.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
+            // Woken by each completion; a request parked meanwhile wakes nobody: look again soon.
+            drop(self.idle.wait_timeout(st, left.min(Duration::from_millis(10))));
         }
-        true
     }
 
     /// Notifications back on; true when more chains wait (as `VringT::enable_notification`),

@@ -468,7 +468,7 @@ fn hostile_avail_index_stops_the_ring_once_and_signals_the_error() {
 }
 
 #[test]
-fn wait_idle_is_bounded_and_ignores_held_requests() {
+fn wait_idle_is_bounded_and_ignores_parked_requests() {
     let fe = Frontend::new();
     for h in [1, 2, 3] {
         fe.offer(h);
@@ -478,10 +478,10 @@ fn wait_idle_is_bounded_and_ignores_held_requests() {
     let ts = pop_all(&fe, &be);
     assert_eq!(q.in_flight(), 3);
     let started = Instant::now();
-    assert!(!q.wait_idle(Duration::from_millis(50)));
+    assert!(!q.wait_idle(Duration::from_millis(50), || 0));
     assert!(started.elapsed() < Duration::from_secs(2));
-    // One held (werror=stop), one completed by another thread while we wait, one now.
-    q.hold(ts[0]);
+    // One parked by the device (werror=stop), one completed now, one by another thread
+    // while we wait.
     complete(&be, ts[1]);
     let vring = be.vring.clone();
     let (q2, t2) = (q.clone(), ts[2]);
@@ -489,9 +489,10 @@ fn wait_idle_is_bounded_and_ignores_held_requests() {
         std::thread::sleep(Duration::from_millis(30));
         assert!(q2.add_used(&vring, t2, 1));
     });
-    assert!(q.wait_idle(Duration::from_secs(5)));
+    assert!(!q.wait_idle(Duration::from_millis(1), || 1), "one still running");
+    assert!(q.wait_idle(Duration::from_secs(5), || 1));
     th.join().unwrap();
-    assert_eq!(q.in_flight(), 1, "the held request is still in flight");
+    assert_eq!(q.in_flight(), 1, "the parked request is still in flight");
     assert!(fe.region().is_inflight(1), "and still recorded: a new backend resubmits it");
     drop(be);
     let be = fe.connect(0);
