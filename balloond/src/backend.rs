@@ -2,13 +2,15 @@
 //! (one thread each: a long inflate never holds up a deflate the guest waits on), the held
 //! stats buffer and the poller that returns it to ask for fresh numbers.
 
+use std::fs::File;
 use std::io;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_backend_kit::queue::{Ticket, TrackedRings};
 use vhost::vhost_user::Backend;
 use vhost_backend_kit::serve::{ExitEventError, ExitEvents};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -54,14 +56,31 @@ struct Inner {
     mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     exit: ExitEvents,
     /// The stats buffer the guest handed us, held until we want fresh numbers, and its ring.
-    stats_held: Mutex<Option<(VringRwLock, u16)>>,
+    /// It stays in flight meanwhile (in the inflight region too: a restarted balloond gets it
+    /// back).
+    stats_held: Mutex<Option<(VringRwLock, Ticket)>>,
+    /// This connection's rings as the kit tracks them (inflight region, requests in flight).
+    rings: TrackedRings,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The connection is over: nothing more goes to its rings.
+        self.rings.close();
+    }
 }
 
 impl BalloonBackend {
     pub fn new(device: Arc<Device>) -> Result<BalloonBackend, BackendError> {
         let exit = ExitEvents::new(NUM_QUEUES)?;
         Ok(BalloonBackend {
-            inner: Arc::new(Inner { device, mem: Mutex::new(None), exit, stats_held: Mutex::new(None) }),
+            inner: Arc::new(Inner {
+                device,
+                mem: Mutex::new(None),
+                exit,
+                stats_held: Mutex::new(None),
+                rings: TrackedRings::new(NUM_QUEUES),
+            }),
         })
     }
 
@@ -79,14 +98,19 @@ impl BalloonBackend {
     /// or the ring is stopped. Returns whether a buffer went back.
     pub fn request_stats(&self) -> io::Result<bool> {
         let mut held = lock(&self.inner.stats_held);
-        let Some((vring, head)) = held.as_ref() else { return Ok(false) };
+        let Some((vring, ticket)) = held.as_ref() else { return Ok(false) };
         if !vring.get_ref().get_queue().ready() {
             return Ok(false);
         }
-        vring.add_used(*head, 0).map_err(io::Error::other)?;
-        vring.signal_used_queue()?;
+        let Some(q) = self.inner.rings.queue(usize::from(STATS)) else { return Ok(false) };
+        let added = q.add_used(vring, *ticket, 0);
+        if added {
+            vring.signal_used_queue()?;
+        }
+        // Not added: the ring restarted since (the buffer comes back from the region) or
+        // the connection is over.
         *held = None;
-        Ok(true)
+        Ok(added)
     }
 
     /// Starts a thread that calls [`Self::request_stats`] every `interval` until the returned
@@ -118,16 +142,17 @@ impl BalloonBackend {
     fn process_queue(&self, queue: u16, vring: &VringRwLock) -> io::Result<bool> {
         let Some(mem) = self.memory() else { return Ok(false) };
         let mem = mem.memory();
+        let Some(q) = self.inner.rings.queue(usize::from(queue)) else { return Ok(false) };
         let dev = &self.inner.device;
         // The stats ring is popped under the held-buffer lock, so that popping a buffer and
         // holding it is one step for `stop_vring` and `request_stats` (same lock order: held
         // buffer, then ring).
         let mut held = (queue == STATS).then(|| lock(&self.inner.stats_held));
         let mut used_any = false;
-        loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
+        // Through the kit: chains to resubmit first, each recorded, and a ring whose driver
+        // claims more than a queue size of chains stopped (SET_VRING_ERR) rather than served.
+        while let Some(taken) = q.pop(vring, mem.clone()) {
+            let (chain, ticket) = (taken.chain, taken.ticket);
             match (queue, held.as_mut()) {
                 (INFLATE, _) => queues::inflate(dev, &chain),
                 (DEFLATE, _) => queues::deflate(dev, &chain),
@@ -135,16 +160,14 @@ impl BalloonBackend {
                     queues::stats(dev, &chain);
                     // Keep this buffer; a driver that sends another while we hold one gets the
                     // old one back (QEMU does the same).
-                    if let Some((_, old_head)) = held.replace((vring.clone(), head)) {
-                        vring.add_used(old_head, 0).map_err(io::Error::other)?;
-                        used_any = true;
+                    if let Some((_, old)) = held.replace((vring.clone(), ticket)) {
+                        used_any |= q.add_used(vring, old, 0);
                     }
                     continue;
                 }
                 (_, None) => {}
             }
-            vring.add_used(head, 0).map_err(io::Error::other)?;
-            used_any = true;
+            used_any |= q.add_used(vring, ticket, 0);
         }
         Ok(used_any)
     }
@@ -195,6 +218,19 @@ impl VhostUserBackend for BalloonBackend {
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        Ok(self.inner.rings.get_inflight_fd(inflight)?)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> io::Result<()> {
+        Ok(self.inner.rings.set_inflight_fd(inflight, file)?)
+    }
+
+    fn start_vring(&self, queue_index: u32, vring: &VringRwLock) -> io::Result<()> {
+        Ok(self.inner.rings.start_vring(queue_index, vring)?)
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -229,7 +265,9 @@ impl VhostUserBackend for BalloonBackend {
         // GET_VRING_BASE on the stats ring while we hold its buffer: step the ring's next
         // index back over it, so the base the frontend keeps has the buffer still available
         // and we pop it again when the ring restarts (vhost-user's in-flight resubmission).
-        // It is the last chain we popped: a newer one replaces (and returns) it.
+        // It is the last chain we popped: a newer one replaces (and returns) it. With an
+        // inflight region the buffer is also recorded there, and the restart resubmits it
+        // from there (recovery's next_avail overrides this base).
         if queue_index == u32::from(STATS) {
             if let Some((vring, _)) = lock(&self.inner.stats_held).take() {
                 let next = vring.queue_next_avail();

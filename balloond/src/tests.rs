@@ -455,6 +455,6 @@ fn features_and_protocol_features() {
         assert_ne!(f & (1 << bit), 0, "feature bit {bit}");
     }
     assert_eq!(f & !(FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()), 0);
-    assert_eq!(r.backend.protocol_features(), P::CONFIG | P::BACKEND_REQ | P::REPLY_ACK | P::MQ);
+    assert_eq!(r.backend.protocol_features(), P::CONFIG | P::BACKEND_REQ | P::REPLY_ACK | P::MQ | P::INFLIGHT_SHMFD);
     assert_eq!(r.backend.num_queues(), 3);
 }
