@@ -5,6 +5,7 @@
 //! It lives for the whole process (a frontend that reconnects finds the target and the
 //! guest's `actual` as they were); the per-connection parts are in [`crate::backend`].
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 
 use crate::config::{self, BalloonConfig, TargetError};
+use crate::persist;
 use crate::stats::{self, GuestStats};
 
 /// A QMP event: name, `data`, when it happened.
@@ -89,6 +91,8 @@ pub struct Device {
     events: Mutex<Option<EventSink>>,
     notify: Arc<(Mutex<Notify>, Condvar)>,
     pub counters: Counters,
+    /// Where the config space is recorded for a restarted balloond (see [`persist`]).
+    state_file: Mutex<Option<PathBuf>>,
 }
 
 impl Device {
@@ -104,7 +108,32 @@ impl Device {
             events: Mutex::new(None),
             notify,
             counters: Counters::default(),
+            state_file: Mutex::new(None),
         }))
+    }
+
+    /// Takes the target and the guest's balloon size a previous balloond recorded in `path`
+    /// (none: the device starts empty, as a new VM's), and records them there from now on.
+    /// Called before any frontend connects: a driver reads the restored config space itself.
+    pub fn restore(&self, path: PathBuf) -> Result<(), persist::PersistError> {
+        if let Some(saved) = persist::load(&path)? {
+            tracing::info!(num_pages = saved.num_pages, actual_pages = saved.actual, "balloon state restored");
+            *lock(&self.config) = saved;
+        }
+        *lock(&self.state_file) = Some(path);
+        Ok(())
+    }
+
+    /// Records the config space, if there is a state file. A failure is logged: the device
+    /// goes on, only a restarted balloond would not know the target.
+    fn record(&self) {
+        // The config is read under the file's lock: of two changes, the later is written last.
+        let file = lock(&self.state_file);
+        if let Some(path) = file.as_ref() {
+            if let Err(e) = persist::save(path, self.config()) {
+                tracing::error!("a restarted balloond would forget the balloon target: {e}");
+            }
+        }
     }
 
     pub fn mem_bytes(&self) -> u64 {
@@ -125,6 +154,8 @@ impl Device {
     pub fn set_target(&self, target: i64) -> Result<u32, TargetError> {
         let pages = config::num_pages_for_target(self.mem_bytes, target)?;
         lock(&self.config).num_pages = pages;
+        // Recorded before the guest is told: a balloond killed from here on restarts with it.
+        self.record();
         tracing::info!(target, num_pages = pages, "new balloon target");
         let (m, cv) = &*self.notify;
         lock(m).pending = true;
@@ -140,6 +171,7 @@ impl Device {
             (old, c.write(offset, buf))
         };
         if old != new {
+            self.record();
             tracing::info!(actual_pages = new, "guest balloon size changed");
             self.emit("BALLOON_CHANGE", json!({ "actual": config::actual_bytes(self.mem_bytes, new) }));
         }

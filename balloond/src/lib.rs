@@ -7,6 +7,7 @@
 //! - [`reclaim`]: PFN -> memfd offset translation and hole punching.
 //! - [`stats`]: the stats buffer format.
 //! - [`device`]: the process-wide device state, events and config-change notification.
+//! - [`persist`]: the target and the guest's balloon size, recorded across restarts.
 //! - [`backend`]: the `VhostUserBackend` of one connection.
 //! - [`dbus`]: `org.flotilla.Balloon1` (balloon, query-balloon) and BALLOON_CHANGE.
 
@@ -15,6 +16,7 @@ pub mod chain;
 pub mod config;
 pub mod dbus;
 pub mod device;
+pub mod persist;
 pub mod queues;
 pub mod ratelimit;
 pub mod reclaim;

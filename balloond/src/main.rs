@@ -43,6 +43,8 @@ enum MainError {
     Listen(#[from] cli::ListenError),
     #[error("starting the device: {0}")]
     Device(#[source] std::io::Error),
+    #[error("restoring the balloon state: {0}")]
+    State(#[from] balloond::persist::PersistError),
     #[error(transparent)]
     Dbus(#[from] BusThreadError),
     #[error(transparent)]
@@ -98,8 +100,10 @@ fn run(_exit: ExitSignals) -> Result<Infallible, MainError> {
         Ok(true)
     })?;
     let mut socket = common.socket.clone();
+    let mut state_file = None;
     if let Some(json) = &common.config_json {
         let c = BalloondConfig::from_json(json).map_err(MainError::Config)?;
+        state_file = c.state_file.clone();
         if socket.is_some() || mem_bytes.is_some() {
             return Err(MainError::Usage("--config-json already names the socket and the memory size".into()));
         }
@@ -115,6 +119,9 @@ fn run(_exit: ExitSignals) -> Result<Infallible, MainError> {
         socket.ok_or_else(|| MainError::Usage("give one of --socket-path (or --config-json) and --fd".into()))?;
     let listener = socket.listen()?;
     let device = Device::new(mem_bytes).map_err(MainError::Device)?;
+    if let Some(path) = state_file {
+        device.restore(path)?;
+    }
     let _bus = match &common.bus {
         Some(bus) => Some(DbusServer::start(device.clone(), &bus.address, &bus.instance)?),
         None => None,

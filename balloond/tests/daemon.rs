@@ -138,7 +138,12 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, bus: &Bus, socket: &Path) -> Daemon {
-        let cfg = vm_config::BalloondConfig { id: "balloon0".into(), socket: socket.into(), mem_bytes: MEM }.to_json();
+        let cfg = vm_config::BalloondConfig {
+            id: "balloon0".into(),
+            socket: socket.into(),
+            mem_bytes: MEM,
+            state_file: None,
+        }.to_json();
         let mut fds = [0i32; 2];
         // SAFETY: pipe(2) writes two descriptors into the array. No CLOEXEC: the write end
         // must reach the child.

@@ -16,6 +16,8 @@ pub const SOCKET_DIR: &str = "vhost-user";
 /// blockd's record of the images it switched to, in the runtime directory (removed with it).
 pub const BLOCKD_STATE_FILE: &str = "blockd-state.json";
 pub const BALLOON_SOCKET: &str = "balloon.sock";
+/// balloond's record of the balloon target, in the runtime directory (removed with it).
+pub const BALLOOND_STATE_FILE: &str = "balloond-state.json";
 
 /// What the launcher hands out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +46,12 @@ pub fn plan(set: &DeviceSet, formats: &[DriveFormat], runtime: &Path, mem_bytes:
             Backend::External(p) => p.clone(),
             Backend::Balloon => {
                 let socket = runtime.join(SOCKET_DIR).join(BALLOON_SOCKET);
-                balloond = Some(BalloondConfig { id: d.id.clone(), socket: socket.clone(), mem_bytes });
+                balloond = Some(BalloondConfig {
+                    id: d.id.clone(),
+                    socket: socket.clone(),
+                    mem_bytes,
+                    state_file: Some(runtime.join(BALLOOND_STATE_FILE)),
+                });
                 socket
             }
         };
@@ -188,7 +195,8 @@ mod tests {
             Some(BalloondConfig {
                 id: "balloon0".into(),
                 socket: "/run/flotilla/vm1-42/vhost-user/balloon.sock".into(),
-                mem_bytes: 256 << 20
+                mem_bytes: 256 << 20,
+                state_file: Some("/run/flotilla/vm1-42/balloond-state.json".into()),
             })
         );
         assert_eq!(

@@ -680,7 +680,15 @@ fn balloon_device_starts_balloond_with_the_guest_ram_size() {
     let cfg = vm_config::BalloondConfig::from_json(arg_after(&args, "--config-json")).expect("BalloondConfig");
     let runtime = vm.dir.path("flotilla").join(format!("vm{flotilla_pid}-{flotilla_pid}"));
     let socket = runtime.join("vhost-user").join("balloon.sock");
-    assert_eq!(cfg, vm_config::BalloondConfig { id: "balloon0".into(), socket: socket.clone(), mem_bytes: 128 << 20 });
+    assert_eq!(
+        cfg,
+        vm_config::BalloondConfig {
+            id: "balloon0".into(),
+            socket: socket.clone(),
+            mem_bytes: 128 << 20,
+            state_file: Some(runtime.join("balloond-state.json")),
+        }
+    );
     assert!(is_socket(&socket));
     assert!(daemon_child(flotilla_pid, "blockd", None, Duration::from_secs(5)).is_some(), "blockd runs too");
     signal(pid, libc::SIGKILL);

@@ -170,6 +170,11 @@ pub struct BalloondConfig {
     pub socket: PathBuf,
     /// Guest RAM size in bytes: `actual` and the `balloon` target are computed against it.
     pub mem_bytes: u64,
+    /// Where balloond records the target the host set and the size the guest reported, so that
+    /// a balloond restarted with this same config gets them back. The launcher puts it in the
+    /// instance's runtime directory.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 pub const NULL_UUID: &str = "00000000-0000-0000-0000-000000000000";
