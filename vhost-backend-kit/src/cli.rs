@@ -277,7 +277,7 @@ mod tests {
 
     #[test]
     fn errors_say_what_is_wrong() {
-        let e = |a: &[&str]| parse_none(a).err().expect("an error").to_string();
+        let e = |a: &[&str]| parse_none(a).expect_err("an error").to_string();
         assert_eq!(e(&["--fd", "x"]), "--fd: 'x' is not a number");
         assert_eq!(e(&["--socket-path"]), "--socket-path needs a value");
         assert_eq!(e(&["--ready-fd", "2"]), "--ready-fd needs a descriptor above 2");

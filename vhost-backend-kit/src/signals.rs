@@ -99,7 +99,7 @@ fn take_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<i32> {
                 let left = d.saturating_duration_since(Instant::now());
                 let ts = libc::timespec {
                     tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX),
-                    tv_nsec: libc::c_long::try_from(left.subsec_nanos()).unwrap_or(0),
+                    tv_nsec: libc::c_long::from(left.subsec_nanos()),
                 };
                 // SAFETY: a valid set and timespec; no siginfo is asked for.
                 unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) }
