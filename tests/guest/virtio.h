@@ -24,8 +24,12 @@
 #define VIRTIO_STATUS_NEEDS_RESET 0x40
 #define VIRTIO_STATUS_FAILED 0x80
 
+#define VIRTIO_RING_F_EVENT_IDX 29
 #define VIRTIO_F_VERSION_1 32
 #define VIRTIO_F_ACCESS_PLATFORM 33
+
+/* The device's "do not kick me" flag in the used ring (without EVENT_IDX). */
+#define VRING_USED_F_NO_NOTIFY 1
 
 /* Split virtqueue layout */
 #define VRING_DESC_F_NEXT 1
@@ -55,18 +59,23 @@ struct virtq {
     volatile u16 *used;         /* flags, idx, then vring_used_elem[size] */
     u64 notify;                 /* address of this queue's notify register */
     u16 avail_idx, last_used;
+    u16 kicked_idx;             /* avail_idx at the last virtq_kick (EVENT_IDX's "old") */
+    int event_idx;              /* VIRTIO_RING_F_EVENT_IDX negotiated */
     u8 vector;                  /* CPU vector its MSI-X entry sends (0: none) */
-    /* Free descriptors (a stack) and, per chain head, the descriptors of that chain: chains
-     * are freed from this record, never by following `next` (a hostile device cannot change
-     * it, and a looping chain the guest built on purpose frees cleanly). */
+    /* Free descriptors (a FIFO, so a freed descriptor is reused as late as possible and a
+     * used entry repeated by a faulty device is more likely to name a chain not in flight)
+     * and, per chain head, the descriptors of that chain: chains are freed from this record,
+     * never by following `next` (a hostile device cannot change it, and a looping chain the
+     * guest built on purpose frees cleanly). */
     u16 free[VIRTQ_MAX];
-    u16 nfree;
+    u16 nfree, free_head;       /* free[free_head .. free_head + nfree) (mod size) */
     u8 chain_len[VIRTQ_MAX];
     u16 chain[VIRTQ_MAX][VIRTQ_MAX_CHAIN];
     u8 inflight[VIRTQ_MAX];
     u8 done[VIRTQ_MAX];
     u32 done_len[VIRTQ_MAX];
     u64 completed, stray;       /* used entries taken / ones naming no chain in flight */
+    u64 kicks, kicks_skipped;   /* notifies written / left out because the device said so */
 };
 
 struct virtio_dev {
@@ -128,10 +137,17 @@ int virtq_add(struct virtq *q, const struct vbuf *bufs, int n);
 int virtq_alloc(struct virtq *q, int n, u16 *ids);
 /* Makes the chain whose descriptors are ids[0..n) (head ids[0]) available. */
 void virtq_publish(struct virtq *q, const u16 *ids, int n);
+/* Notifies the device of what was published since the last kick, unless it said it needs
+ * no notify: with EVENT_IDX when vring_need_event(avail_event, new, old) is false, without it
+ * while the used ring's VRING_USED_F_NO_NOTIFY is set (2.7.10). */
 void virtq_kick(struct virtq *q);
-/* Takes every new used entry; returns how many. */
+/* Takes every new used entry (at most a ring's worth); returns how many. */
 int virtq_reap(struct virtq *q);
-/* Sleeps (briefly, bounded) until the device may have used something on q. */
+/* Takes the next used entry, if any (returns 1): *head is the chain it completed, or -1 when
+ * it named no chain in flight (counted in `stray`: e.g. a completion repeated). */
+int virtq_reap_one(struct virtq *q, int *head);
+/* Sleeps (briefly, bounded) until the device may have used something on q; with EVENT_IDX
+ * it first asks for an interrupt at the next used entry (used_event = last_used). */
 void virtq_idle(struct virtq *q);
 /* Waits (bounded) until the chain at `head` is used; 0 and its used length, or -1. */
 int virtq_wait(struct virtq *q, int head, u64 timeout_us, u32 *len);

@@ -1,8 +1,9 @@
 /*
  * virtio-blk driver (virtio 1.2 section 5.2) for the `blk*` commands of PROTOCOL.md: one
  * request queue (queue 0), requests polled to completion with a deadline, config changes
- * (capacity) followed through the config MSI-X vector, and deliberately malformed chains
- * (`blkbad`) whose answer the guest survives whatever it is.
+ * (capacity) followed through the config MSI-X vector, deliberately malformed chains
+ * (`blkbad`) whose answer the guest survives whatever it is, and a soak (`blksoak`) that keeps
+ * up to 32 requests of mixed sizes in flight and counts what a restarting backend gets wrong.
  */
 #include "virtio.h"
 
@@ -65,6 +66,7 @@ struct slot {
 static struct virtio_dev vd;
 static struct virtq q;
 static int inited;
+static int want_event_idx = 1;     /* `blk noeventidx` turns it off (then NO_NOTIFY is honoured) */
 static u64 capacity, printed_capacity, seen_config_irqs;
 static u8 seen_generation;
 static u32 blk_size, seg_bytes, max_segs, num_queues;
@@ -99,6 +101,8 @@ static int blk_init(void)
     u64 want = 1ull << VIRTIO_BLK_F_SIZE_MAX | 1ull << VIRTIO_BLK_F_SEG_MAX | 1ull << VIRTIO_BLK_F_RO |
                1ull << VIRTIO_BLK_F_BLK_SIZE | 1ull << VIRTIO_BLK_F_FLUSH | 1ull << VIRTIO_BLK_F_MQ |
                1ull << VIRTIO_BLK_F_DISCARD | 1ull << VIRTIO_BLK_F_WRITE_ZEROES;
+    if (want_event_idx)
+        want |= 1ull << VIRTIO_RING_F_EVENT_IDX;
     inited = 0;
     if (virtio_init(&vd, &p, want, BLK_CONFIG_VECTOR, "blk"))
         return -1;
@@ -361,6 +365,256 @@ static void cmd_qd(int argc, char **argv, const char *orig)
     kprintf("BLKQD depth=%lu status=%d %s\n", depth, status, (bad || status) ? "bad" : "ok");
 }
 
+/*
+ * blksoak: rounds of "write each piece of the range, read it back and compare" with up to
+ * SOAK_MAX requests of mixed sizes in flight (a 256 KiB piece for every few 4 KiB ones). A
+ * piece is read back as soon as its write completes, while later pieces are still being
+ * written, so reads and writes of different sizes are in flight together and a device that
+ * completes requests as they finish completes them out of order. Counted per round: requests
+ * completed, completions out of submission order, used entries naming no request in flight (a
+ * repeated completion), requests never completed (nothing at all completed for
+ * SOAK_TIMEOUT_US: the round stops there, the command too), sectors read back wrong, and waits
+ * in which nothing completed for SOAK_STALL_US (a backend gone while requests were in flight).
+ * Round r writes pattern + r, so a write repeated from an earlier round shows.
+ */
+#define SOAK_MAX 32
+#define SOAK_SMALL 8            /* sectors: 4 KiB */
+#define SOAK_BIG 512            /* sectors: 256 KiB */
+#define SOAK_BIG_ONE_IN 4
+#define SOAK_STALL_US 50000ull
+#define SOAK_TIMEOUT_US 30000000ull
+#define SOAK_POISON 0xdeadf1e5u /* read buffers before the device fills them */
+
+extern u8 __soak_start[], __soak_end[];
+
+enum soak_state { SOAK_FREE, SOAK_WRITING, SOAK_READING };
+
+struct soak_req {
+    struct blk_hdr hdr;
+    volatile u8 status;
+    enum soak_state state;
+    int head;
+    u64 sector, seq;
+    u32 count;
+};
+
+struct soak_stats {
+    u64 done, ooo, dup, lost, mismatch, stalls, max_wait_us;
+    int status;
+};
+
+static struct soak_req soak[SOAK_MAX];
+
+static u8 *soak_buf(u32 i) { return __soak_start + (u64)i * SOAK_BIG * 512; }
+
+static u32 xorshift32(u32 *x)
+{
+    *x ^= *x << 13;
+    *x ^= *x >> 17;
+    *x ^= *x << 5;
+    return *x;
+}
+
+static u64 tsc_us(u64 cycles) { return cycles * 1000 / (tsc_khz ? tsc_khz : 2000000); }
+
+/* Sectors of buf[0..n) that differ from the pattern. */
+static u32 count_bad_sectors(const u8 *buf, u64 sector, u32 n, u32 pattern)
+{
+    u32 bad = 0;
+    for (u32 s = 0; s < n; s++)
+        if (find32_ne(buf + 512ull * s, pattern ^ (u32)(sector + s), 128) != 128)
+            bad++;
+    return bad;
+}
+
+/* Header, the data in seg_bytes pieces, status; the head, or -1 when descriptors are short. */
+static int soak_submit(struct soak_req *r, u8 *data, int writing, u64 *seq)
+{
+    struct vbuf b[VIRTQ_MAX_CHAIN];
+    int n = 0;
+    u32 len = r->count * 512;
+    r->hdr.type = writing ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
+    r->hdr.reserved = 0;
+    r->hdr.sector = r->sector;
+    r->status = STATUS_UNSET;
+    b[n++] = (struct vbuf){(u64)&r->hdr, sizeof(r->hdr), 0};
+    for (u32 off = 0; off < len;) {
+        u32 piece = len - off < seg_bytes ? len - off : seg_bytes;
+        b[n++] = (struct vbuf){(u64)data + off, piece, !writing};
+        off += piece;
+    }
+    b[n++] = (struct vbuf){(u64)&r->status, 1, 1};
+    r->head = virtq_add(&q, b, n);
+    if (r->head >= 0) {
+        r->seq = (*seq)++;
+        r->state = writing ? SOAK_WRITING : SOAK_READING;
+    }
+    return r->head;
+}
+
+/* Takes every used entry there is (reads submitted for completed writes, compares completed
+ * reads); returns how many requests completed. */
+static u32 soak_reap(u32 depth, u32 pattern, u64 *seq, struct soak_stats *st, u32 *inflight)
+{
+    u32 got = 0;
+    int head;
+    while (virtq_reap_one(&q, &head)) {
+        if (head < 0) {
+            st->dup++;
+            continue;
+        }
+        struct soak_req *r = 0;
+        u32 slot = 0;
+        for (u32 i = 0; i < depth; i++)
+            if (soak[i].state != SOAK_FREE && soak[i].head == head) {
+                r = &soak[i];
+                slot = i;
+            }
+        if (!r) {
+            /* In flight, but not the soak's (none is): as repeated. */
+            st->dup++;
+            continue;
+        }
+        for (u32 i = 0; i < depth; i++)
+            if (soak[i].state != SOAK_FREE && &soak[i] != r && soak[i].seq < r->seq) {
+                st->ooo++;
+                break;
+            }
+        u8 status = r->status;
+        q.done[head] = 0;
+        st->done++;
+        got++;
+        (*inflight)--;
+        if (status && !st->status)
+            st->status = status;
+        if (r->state == SOAK_WRITING && !status) {
+            /* Written: read it back into the same (poisoned) buffer. */
+            fill32(soak_buf(slot), SOAK_POISON, r->count * 128ull);
+            if (soak_submit(r, soak_buf(slot), 0, seq) >= 0) {
+                (*inflight)++;
+                continue;
+            }
+            /* Descriptors held by chains lost earlier: unread, counted as wrong. */
+            st->mismatch += r->count;
+        } else if (r->state == SOAK_READING && !status) {
+            st->mismatch += count_bad_sectors(soak_buf(slot), r->sector, r->count, pattern);
+        }
+        r->state = SOAK_FREE;
+    }
+    return got;
+}
+
+/* One round over [sector, sector + count); 0, or -1 when requests were lost (st->lost says
+ * how many; they stay in flight). */
+static int soak_round(u64 sector, u64 count, u32 pattern, u32 seed, u32 depth, u32 big, struct soak_stats *st)
+{
+    u64 next = sector, end = sector + count, seq = 0;
+    u32 inflight = 0, rng = seed | 1;
+    for (u32 i = 0; i < depth; i++)
+        soak[i].state = SOAK_FREE;
+    u64 timeout = SOAK_TIMEOUT_US * (tsc_khz ? tsc_khz : 2000000) / 1000;
+    u64 last_progress = rdtsc();
+    while (next < end || inflight) {
+        /* New pieces in every free slot, then one kick for the lot (and for the reads the
+         * last reap submitted). */
+        for (u32 i = 0; i < depth && next < end; i++) {
+            struct soak_req *r = &soak[i];
+            if (r->state != SOAK_FREE)
+                continue;
+            u32 n = xorshift32(&rng) % SOAK_BIG_ONE_IN == 0 ? big : SOAK_SMALL;
+            if (n > end - next)
+                n = (u32)(end - next);
+            r->sector = next;
+            r->count = n;
+            u8 *buf = soak_buf(i);
+            for (u32 k = 0; k < n; k++)
+                fill_sector(buf + 512ull * k, next + k, pattern);
+            if (soak_submit(r, buf, 1, &seq) < 0)
+                break;  /* descriptors held by lost chains: wait for the ones in flight */
+            next += n;
+            inflight++;
+        }
+        if (q.avail_idx != q.kicked_idx)
+            virtq_kick(&q);
+        if (!inflight) {
+            /* Nothing in flight and nothing could be added: descriptors held by chains an
+             * earlier command lost. */
+            kprintf("ERR blk soak no-descriptors free=%u\n", q.nfree);
+            return -1;
+        }
+        /* Until the device uses something (the wait, timed), then every completion there is. */
+        u64 wait_start = rdtsc();
+        while (!virtq_has_used(&q)) {
+            if (rdtsc() - last_progress > timeout) {
+                st->lost += inflight;
+                return -1;
+            }
+            virtq_idle(&q);
+        }
+        u64 waited = tsc_us(rdtsc() - wait_start);
+        if (waited > st->max_wait_us)
+            st->max_wait_us = waited;
+        if (waited >= SOAK_STALL_US)
+            st->stalls++;
+        if (soak_reap(depth, pattern, &seq, st, &inflight))
+            last_progress = rdtsc();
+    }
+    return 0;
+}
+
+static void cmd_soak(int argc, char **argv, const char *orig)
+{
+    u64 depth, sector, count, rounds, pattern = 0x50a40000;
+    if ((argc != 5 && argc != 6) || parse_u64(argv[1], 10, &depth) || depth == 0 || depth > SOAK_MAX ||
+        parse_range(argv + 1, &sector, &count) || count == 0 || parse_u64(argv[4], 10, &rounds) || rounds == 0 ||
+        (argc == 6 && (parse_u64(argv[5], 16, &pattern) || pattern > 0xffffffffull)) || sector + count > capacity) {
+        kprintf("ERR usage %s\n", orig);
+        return;
+    }
+    if ((u64)(__soak_end - __soak_start) < (u64)SOAK_MAX * SOAK_BIG * 512) {
+        kprintf("ERR blk soak buffers too small\n");
+        return;
+    }
+    /* The big requests: 256 KiB, or what the device's segment limits allow in one request. */
+    u32 segs = max_segs < VIRTQ_MAX_CHAIN - 2 ? max_segs : VIRTQ_MAX_CHAIN - 2;
+    u64 big_bytes = (u64)seg_bytes * segs;
+    u32 big = big_bytes >= SOAK_BIG * 512 ? SOAK_BIG : (u32)(big_bytes / 512);
+    if (big < SOAK_SMALL)
+        big = SOAK_SMALL;
+    /* Every slot may hold a big request: header + data + status descriptors each. */
+    u32 per = 2 + (big * 512 + seg_bytes - 1) / seg_bytes;
+    if (depth * per > q.size)
+        depth = q.size / per;
+    u64 stray0 = q.stray;
+    u64 total_bad = 0;
+    for (u64 r = 0; r < rounds; r++) {
+        struct soak_stats st = {0};
+        u64 kicks0 = q.kicks, skipped0 = q.kicks_skipped;
+        u32 pat = (u32)(pattern + r);
+        int failed = soak_round(sector, count, pat, (u32)(r + 1) * 0x9e3779b9u, (u32)depth, big, &st);
+        st.dup += q.stray - stray0;
+        stray0 = q.stray;
+        int bad = failed || st.dup || st.lost || st.mismatch || st.status;
+        total_bad += bad;
+        kprintf("BLKSOAK round=%lu done=%lu ooo=%lu dup=%lu lost=%lu status=%d mismatch=%lu stalls=%lu "
+                "maxwait=%lu kicks=%lu skipped=%lu depth=%lu big=%u %s\n",
+                r, st.done, st.ooo, st.dup, st.lost, st.status, st.mismatch, st.stalls, st.max_wait_us / 1000,
+                q.kicks - kicks0, q.kicks_skipped - skipped0, depth, big, bad ? "bad" : "ok");
+        if (failed) {
+            if (st.lost)
+                kprintf("ERR timeout blk soak round=%lu inflight=%lu\n", r, st.lost);
+            return;
+        }
+    }
+    kprintf("BLKSOAKED rounds=%lu bad=%lu pattern=0x%08x\n", rounds, total_bad, (u32)(pattern + rounds - 1));
+}
+
+static void cmd_stat(void)
+{
+    kprintf("BLKSTAT completed=%lu stray=%lu kicks=%lu skipped=%lu event_idx=%d free=%u\n", q.completed, q.stray,
+            q.kicks, q.kicks_skipped, q.event_idx, q.nfree);
+}
+
 static void cmd_cap(void)
 {
     capacity = read_capacity();
@@ -453,14 +707,32 @@ int blk_command(int argc, char **argv, const char *orig)
     const char *c = argv[0];
     if (c[0] != 'b' || c[1] != 'l' || c[2] != 'k')
         return 0;
-    static const char *known[] = {"blk", "blkwrite", "blkcheck", "blkread", "blkflush", "blkid",
-                                  "blkdiscard", "blkzeroes", "blkqd", "blkcap", "blkbad"};
+    static const char *known[] = {"blk",        "blkwrite",  "blkcheck", "blkread", "blkflush", "blkid",
+                                  "blkdiscard", "blkzeroes", "blkqd",    "blkcap",  "blkbad",   "blksoak",
+                                  "blkstat"};
     int k = -1;
     for (u32 i = 0; i < ARRAY_SIZE(known); i++)
         if (!strcmp(c, known[i]))
             k = i;
     if (k < 0)
         return 0;
+    if (k == 0 && argc == 2) {
+        /* `blk eventidx|noeventidx`: (re)initialises the device with or without EVENT_IDX. */
+        int want = !strcmp(argv[1], "eventidx") ? 1 : !strcmp(argv[1], "noeventidx") ? 0 : -1;
+        if (want < 0) {
+            kprintf("ERR usage %s\n", orig);
+            return 1;
+        }
+        if (want != want_event_idx || (inited && virtio_has(&vd, VIRTIO_RING_F_EVENT_IDX) != want)) {
+            want_event_idx = want;
+            if (inited)
+                virtio_reset(&vd);
+            inited = 0;
+        }
+    } else if (k == 0 && argc != 1) {
+        kprintf("ERR usage %s\n", orig);
+        return 1;
+    }
     if (blk_ensure())
         return 1;
     switch (k) {
@@ -495,6 +767,12 @@ int blk_command(int argc, char **argv, const char *orig)
         break;
     case 10:
         cmd_bad(argc, argv, orig);
+        break;
+    case 11:
+        cmd_soak(argc, argv, orig);
+        break;
+    case 12:
+        cmd_stat();
         break;
     }
     return 1;

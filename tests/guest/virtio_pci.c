@@ -320,8 +320,10 @@ int virtq_init(struct virtio_dev *vd, struct virtq *q, u16 index, u8 vector, con
     q->avail = (volatile u16 *)ring_pages[slot][1];
     q->used = (volatile u16 *)ring_pages[slot][2];
     for (u16 i = 0; i < size; i++)
-        q->free[i] = size - 1 - i;
+        q->free[i] = i;
     q->nfree = size;
+    q->free_head = 0;
+    q->event_idx = virtio_has(vd, VIRTIO_RING_F_EVENT_IDX);
 
     q->vector = 0;
     if (vector && vd->msix_size > 1u + index) {
@@ -353,8 +355,11 @@ int virtq_alloc(struct virtq *q, int n, u16 *ids)
 {
     if (n <= 0 || n > VIRTQ_MAX_CHAIN || n > q->nfree)
         return -1;
-    for (int i = 0; i < n; i++)
-        ids[i] = q->free[--q->nfree];
+    for (int i = 0; i < n; i++) {
+        ids[i] = q->free[q->free_head];
+        q->free_head = (q->free_head + 1) % q->size;
+        q->nfree--;
+    }
     return 0;
 }
 
@@ -391,38 +396,67 @@ int virtq_add(struct virtq *q, const struct vbuf *bufs, int n)
     return ids[0];
 }
 
+/* The used ring's avail_event (EVENT_IDX): right after the ring's `size` elements. */
+static u16 avail_event(const struct virtq *q) { return q->used[2 + 4 * q->size]; }
+
+/* virtio 1.2 section 2.7.10.1 (Linux's vring_need_event): whether the device asked to be
+ * notified when the available index moves from old to new. */
+static int vring_need_event(u16 event, u16 new_idx, u16 old)
+{
+    return (u16)(new_idx - event - 1) < (u16)(new_idx - old);
+}
+
 void virtq_kick(struct virtq *q)
 {
-    /* Everything published before the notify (an uncached MMIO write, ordered after them). */
+    u16 old = q->kicked_idx, new_idx = q->avail_idx;
+    q->kicked_idx = new_idx;
+    /* The published index before reading what the device asked for (a store then a load:
+     * only mfence orders them), and before the notify (an uncached MMIO write). */
     __asm__ volatile("mfence" ::: "memory");
+    int need = q->event_idx ? vring_need_event(avail_event(q), new_idx, old)
+                            : !(q->used[0] & VRING_USED_F_NO_NOTIFY);
+    if (!need) {
+        q->kicks_skipped++;
+        return;
+    }
+    q->kicks++;
     mmio_write16(q->notify, q->index);
 }
 
 int virtq_has_used(const struct virtq *q) { return q->size && q->used[1] != q->last_used; }
 
+int virtq_reap_one(struct virtq *q, int *head)
+{
+    if (q->used[1] == q->last_used)
+        return 0;
+    /* The entry after the index that published it (2.7.14). */
+    barrier();
+    volatile struct vring_used_elem *ring = (volatile struct vring_used_elem *)(q->used + 2);
+    volatile struct vring_used_elem *e = &ring[q->last_used % q->size];
+    u32 id = e->id, len = e->len;
+    q->last_used++;
+    *head = -1;
+    if (id >= q->size || !q->inflight[id]) {
+        q->stray++;
+        return 1;
+    }
+    q->inflight[id] = 0;
+    q->done[id] = 1;
+    q->done_len[id] = len;
+    q->completed++;
+    for (int i = 0; i < q->chain_len[id]; i++)
+        q->free[(q->free_head + q->nfree++) % q->size] = q->chain[id][i];
+    q->chain_len[id] = 0;
+    *head = (int)id;
+    return 1;
+}
+
 int virtq_reap(struct virtq *q)
 {
-    int n = 0;
-    volatile struct vring_used_elem *ring = (volatile struct vring_used_elem *)(q->used + 2);
+    int n = 0, head;
     /* At most one ring's worth per call, whatever index a device writes. */
-    while (q->used[1] != q->last_used && n < q->size) {
-        barrier();
-        volatile struct vring_used_elem *e = &ring[q->last_used % q->size];
-        u32 id = e->id, len = e->len;
-        q->last_used++;
+    while (n < q->size && virtq_reap_one(q, &head))
         n++;
-        if (id >= q->size || !q->inflight[id]) {
-            q->stray++;
-            continue;
-        }
-        q->inflight[id] = 0;
-        q->done[id] = 1;
-        q->done_len[id] = len;
-        q->completed++;
-        for (int i = 0; i < q->chain_len[id]; i++)
-            q->free[q->nfree++] = q->chain[id][i];
-        q->chain_len[id] = 0;
-    }
     return n;
 }
 
@@ -436,6 +470,12 @@ int virtq_reap(struct virtq *q)
 void virtq_idle(struct virtq *q)
 {
     cli();
+    if (q->event_idx) {
+        /* Interrupt at the next used entry (2.7.10): used_event, then a fresh look at the
+         * used index (a store then a load: mfence), so an entry used in between is seen. */
+        q->avail[2 + q->size] = q->last_used;
+        __asm__ volatile("mfence" ::: "memory");
+    }
     if (q->used[1] != q->last_used) {
         sti();
         return;

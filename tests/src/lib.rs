@@ -2,9 +2,11 @@
 //! (built from `tests/guest/` by build.rs), the serial console client that drives it, and a
 //! helper that boots it on vmm-core.
 
+pub mod blkio;
 pub mod bus;
 pub mod console;
 pub mod guest;
+pub mod killer;
 pub mod machine;
 pub mod process;
 pub mod pyqmp;
