@@ -37,9 +37,9 @@ const LEN: u64 = 64 << 10;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 
-fn scratch() -> PathBuf {
+fn scratch(test: &str) -> PathBuf {
     // /var/tmp: a real file system, where fsync costs something (requests stay in flight).
-    let d = Path::new("/var/tmp").join(format!("blockd-inflight-{}", std::process::id()));
+    let d = Path::new("/var/tmp").join(format!("blockd-inflight-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -55,7 +55,27 @@ fn guest() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), MEM as usize, Some(FileOffset::new(file, 0)))]).unwrap()
 }
 
-fn blockd(socket: &Path, image: &Path, log: &Path) -> Child {
+/// A blockd process, killed when dropped (a failed test leaves none behind).
+struct Blockd(Child);
+
+impl Blockd {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Blockd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn blockd(socket: &Path, image: &Path, log: &Path) -> Blockd {
     let _ = std::fs::remove_file(socket);
     let child = Command::new(env!("CARGO_BIN_EXE_blockd"))
         .arg("--socket-path")
@@ -69,6 +89,7 @@ fn blockd(socket: &Path, image: &Path, log: &Path) -> Child {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    let child = Blockd(child);
     let end = Instant::now() + WAIT;
     while !socket.exists() {
         assert!(Instant::now() < end, "blockd never listened");
@@ -135,7 +156,7 @@ impl Ring<'_> {
 /// A connection as QEMU's vhost-user-blk makes it: the region asked for once (`region` None)
 /// and handed back on every connection.
 struct Conn {
-    _fe: Frontend,
+    fe: Frontend,
     kick: EventFd,
     _call: EventFd,
     err: EventFd,
@@ -183,7 +204,7 @@ fn connect(socket: &Path, mem: &GuestMemoryMmap, region: &mut Option<(VhostUserI
     fe.set_vring_err(0, &err).unwrap();
     fe.set_vring_kick(0, &kick).unwrap();
     fe.set_vring_enable(0, true).unwrap();
-    Conn { _fe: fe, kick, _call: call, err }
+    Conn { fe, kick, _call: call, err }
 }
 
 /// desc[head].inflight of the region's only queue.
@@ -195,7 +216,7 @@ fn recorded(file: &File, head: u16) -> bool {
 
 #[test]
 fn sigkill_with_writes_in_flight_each_completed_once_after_restart() {
-    let dir = scratch();
+    let dir = scratch("kill");
     let (socket, image, log) = (dir.join("blk.sock"), dir.join("disk.raw"), dir.join("blockd.log"));
     File::create(&image).unwrap().set_len(u64::from(REQS) * LEN).unwrap();
     let mem = guest();
@@ -222,8 +243,7 @@ fn sigkill_with_writes_in_flight_each_completed_once_after_restart() {
             assert!(Instant::now() < end, "round {round}: nothing completed; blockd log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
             std::hint::spin_loop();
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.kill();
         let file = region.as_ref().unwrap().1.try_clone().unwrap();
         let file = &file;
         let done_at_kill = ring.used_idx().wrapping_sub(first);
@@ -258,8 +278,7 @@ fn sigkill_with_writes_in_flight_each_completed_once_after_restart() {
         assert!((0..REQS).all(|i| !recorded(file, 3 * i)), "round {round}: nothing left recorded");
         assert_eq!(c2.err.read().ok(), None, "no ring error");
         drop((c, c2));
-        let _ = child.kill();
-        child.wait().unwrap();
+        child.kill();
         // The image holds every write of the round.
         let img = File::open(&image).unwrap();
         for i in 0..REQS {
@@ -271,4 +290,94 @@ fn sigkill_with_writes_in_flight_each_completed_once_after_restart() {
     assert!(caught >= 1, "no round caught requests in flight at the kill: the test proved nothing");
     eprintln!("rounds with requests in flight at the kill: {caught}/6; completions out of order: {out_of_order}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// rust-vmm vm-virtio#196: a driver that publishes an available index more than a queue size
+/// ahead made blockd's queue worker spin for ever. Now the ring stops with one SET_VRING_ERR
+/// signal, blockd keeps answering the frontend, and the ring works again once restarted.
+#[test]
+fn hostile_available_index_stops_the_ring_and_signals_the_error() {
+    let dir = scratch("hostile");
+    let (socket, image, log) = (dir.join("blk.sock"), dir.join("disk.raw"), dir.join("blockd.log"));
+    File::create(&image).unwrap().set_len(u64::from(REQS) * LEN).unwrap();
+    let mem = guest();
+    let ring = Ring { mem: &mem };
+    let mut region = None;
+    let mut child = blockd(&socket, &image, &log);
+    let mut c = connect(&socket, &mem, &mut region, 0);
+    // A real request first, then an index QSIZE + 5 past it.
+    ring.write_request(0, &pattern(9, 0));
+    ring.offer(0);
+    mem.write_obj(1 + QSIZE + 5, GuestAddress(AVAIL + 2)).unwrap();
+    c.kick.write(1).unwrap();
+    let end = Instant::now() + WAIT;
+    let mut errs = 0;
+    while errs == 0 {
+        assert!(Instant::now() < end, "no SET_VRING_ERR signal; blockd log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        errs += c.err.read().unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Kicked again and again: no second error, nothing taken.
+    for _ in 0..20 {
+        c.kick.write(1).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.err.read().ok(), None, "one error signal only");
+    assert_eq!(ring.used_idx(), 0, "nothing served from the hostile ring");
+    // blockd is not stuck in a loop: /proc says its threads sleep.
+    let busy = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('R'))
+        })
+        .count();
+    assert_eq!(busy, 0, "a blockd thread is running (spinning?)");
+    // The frontend resets the ring (GET_VRING_BASE), the driver starts over sanely, the ring
+    // restarts and serves.
+    let base = c.fe.get_vring_base(0).unwrap();
+    assert!(base <= 1, "base {base}");
+    mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
+    ring.offer(0);
+    c = connect_again(c, &mem, 0);
+    c.kick.write(1).unwrap();
+    let end = Instant::now() + WAIT;
+    while ring.used_idx() != 1 {
+        assert!(Instant::now() < end, "the restarted ring does not serve; blockd log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(st, 0);
+    drop(c);
+    child.kill();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The ring set up again on the same connection after GET_VRING_BASE stopped it.
+fn connect_again(c: Conn, mem: &GuestMemoryMmap, base: u16) -> Conn {
+    let Conn { mut fe, .. } = c;
+    let host = |a: u64| mem.get_host_address(GuestAddress(a)).unwrap() as u64;
+    let (kick, call, err) =
+        (EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap());
+    fe.set_vring_num(0, QSIZE).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: host(DESC),
+            used_ring_addr: host(USED),
+            avail_ring_addr: host(AVAIL),
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_base(0, base).unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+    fe.set_vring_err(0, &err).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    Conn { fe, kick, _call: call, err }
 }
