@@ -1,7 +1,9 @@
 //! A helper process the launcher keeps running for the VM's whole life: started (optionally
 //! with a readiness pipe, `--ready-fd FD`, on which it writes `ready`), restarted with the same
 //! arguments when it exits, after a delay that doubles from 100 ms up to 5 s (back to 100 ms
-//! after a run of 10 s), its stale unix sockets removed before every start and at the end.
+//! after a run of 10 s, or after a run in which it said `ready`: a daemon killed while serving
+//! is not failing to start, and its guest waits), its stale unix sockets removed before every
+//! start and at the end.
 //! The QMP gateway, blockd and balloond are each one of these.
 
 use std::fs::File;
@@ -124,6 +126,8 @@ pub struct Restartable {
     next_start: Option<Instant>,
     backoff: Duration,
     starts: u32,
+    /// It said `ready` since its last start.
+    served: bool,
 }
 
 impl Restartable {
@@ -140,6 +144,7 @@ impl Restartable {
             next_start: None,
             backoff: BACKOFF.0,
             starts: 0,
+            served: false,
         }
     }
 
@@ -179,6 +184,7 @@ impl Restartable {
     pub fn spawn(&mut self) -> io::Result<()> {
         self.remove_sockets();
         self.starts += 1;
+        self.served = false;
         self.next_start = None;
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args).stdin(Stdio::null());
@@ -219,7 +225,7 @@ impl Restartable {
 
     /// Plans the next start after a run of `ran`.
     fn schedule(&mut self, ran: Duration) {
-        if ran >= STABLE {
+        if ran >= STABLE || self.served {
             self.backoff = BACKOFF.0;
         }
         self.next_start = Some(Instant::now() + self.backoff);
@@ -240,6 +246,7 @@ impl Restartable {
             self.ready = None;
         }
         if became {
+            self.served = true;
             tracing::info!(pid = ?self.pid(), "{} is ready", self.name);
         }
         became
@@ -352,5 +359,20 @@ mod tests {
         r.stop();
         assert!(dir.join("not-a-socket").exists(), "only sockets are removed");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_daemon_that_was_ready_is_restarted_after_the_first_delay() {
+        let mut r = sh("echo ready > /proc/self/fd/$2; exit 0").with_ready_fd();
+        r.spawn().expect("spawn");
+        let t0 = Instant::now();
+        wait_until("three restarts", || {
+            r.poll();
+            r.starts() >= 4
+        });
+        // 100 ms each time, not 100 + 200 + 400.
+        assert!(t0.elapsed() < Duration::from_millis(650), "{:?}", t0.elapsed());
+        assert_eq!(r.backoff, BACKOFF.0 * 2);
+        r.stop();
     }
 }
