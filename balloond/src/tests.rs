@@ -401,6 +401,52 @@ fn the_stats_buffer_is_held_then_returned_to_ask_for_fresh_numbers() {
     assert!(!r.backend.request_stats().unwrap());
 }
 
+/// A balloond killed while it holds the stats buffer: with the inflight region the frontend
+/// kept, a new backend (a new process: new rings, the region handed back) recovers the
+/// buffer from the region, parses it again and holds it, and returns it when it wants fresh
+/// numbers. (Without a region, only a frontend that restarts the ring at its used index gets
+/// it back, by the available ring being read again.)
+#[test]
+fn a_restarted_backend_gets_the_held_stats_buffer_back_from_the_inflight_region() {
+    use vhost::vhost_user::message::VhostUserInflight;
+    let r = Rings::new();
+    let (msg, file) = r.backend.get_inflight_fd(&VhostUserInflight::new(0, 0, 3, QSIZE)).unwrap();
+    r.backend.set_inflight_fd(&msg, file.try_clone().unwrap()).unwrap();
+    for (q, v) in r.vrings.iter().enumerate() {
+        r.backend.start_vring(q as u32, v).unwrap();
+    }
+    let stats = encode(&[(S_MEMFREE, 100 << 20), (S_MEMTOT, 300 << 20)]);
+    r.g.mem.write_slice(&stats, GuestAddress(LIST)).unwrap();
+    r.offer(STATS, 5, LIST, stats.len() as u32, R);
+    r.kick(STATS);
+    assert!(r.backend.holds_stats_buffer());
+    assert_eq!(r.used_idx(STATS), 0);
+    // Killed: nothing more from this backend.
+    let Rings { g, mocks, backend, vrings, events: _ } = r;
+    drop((backend, vrings));
+    let dev = device();
+    let b = BalloonBackend::new(dev.clone()).unwrap();
+    b.update_memory(GuestMemoryAtomic::new(g.mem.clone())).unwrap();
+    b.set_inflight_fd(&msg, file).unwrap();
+    let mock = &mocks[usize::from(STATS)];
+    let v = VringRwLock::new(GuestMemoryAtomic::new(g.mem.clone()), QSIZE).unwrap();
+    v.set_queue_size(QSIZE);
+    v.set_queue_info(mock.desc_table_addr().0, mock.avail_addr().0, mock.used_addr().0).unwrap();
+    // The frontend's base: the used index (it never learnt the buffer was taken).
+    v.set_queue_next_avail(0);
+    v.set_queue_next_used(0);
+    b.start_vring(u32::from(STATS), &v).unwrap();
+    v.set_queue_ready(true);
+    v.set_enabled(true);
+    assert_eq!(v.queue_next_avail(), 1, "recovery: used 0 + 1 in flight");
+    b.handle_event(0, EventSet::IN, std::slice::from_ref(&v), usize::from(STATS)).unwrap();
+    assert!(b.holds_stats_buffer(), "the buffer, resubmitted from the region");
+    assert_eq!(dev.info().total_mem, Some(300 << 20), "and parsed again by the new backend");
+    assert!(b.request_stats().unwrap());
+    let e = mock.used().ring().ref_at(0).unwrap().load();
+    assert_eq!((mock.used().idx().load(), e.id(), e.len()), (1, 5, 0));
+}
+
 #[test]
 fn stats_poller_returns_the_buffer_periodically() {
     let r = Rings::new();
