@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+pub mod lock;
 pub mod ranges;
+use lock::ChainLocks;
 use ranges::RangeLocks;
 
 use imago::file::File as ImagoFile;
@@ -118,6 +120,10 @@ pub trait Disk: Send + Sync {
     fn write_ranges(&self) -> Option<Arc<RangeLocks>> {
         None
     }
+    /// The image locks held for the drive's chain ([`lock`]); None for a disk opened without.
+    fn locks(&self) -> Option<&std::sync::Mutex<ChainLocks>> {
+        None
+    }
 }
 
 /// How an image file is opened (from `-drive cache=`).
@@ -129,14 +135,63 @@ pub struct OpenFlags {
 }
 
 /// Opens `path` as `format`; `readonly` opens the file (and a qcow2's whole chain) read-only.
+/// The chain is locked first, as QEMU locks it ([`lock`]): an image another process writes
+/// (or reads while refusing writers) is not opened.
 pub fn open(path: &Path, format: Format, flags: OpenFlags) -> Result<Box<dyn Disk>, OpenError> {
-    match format {
-        Format::Raw => RawDisk::open_with(path, flags)
-            .map(|d| Box::new(d) as Box<dyn Disk>)
-            .map_err(|source| OpenError::Raw { path: path.into(), source }),
-        Format::Qcow2 => Qcow2Disk::open_with(path, flags)
-            .map(|d| Box::new(d) as Box<dyn Disk>)
-            .map_err(|source| OpenError::Qcow2 { path: path.into(), source }),
+    let err = |source: io::Error| match format {
+        Format::Raw => OpenError::Raw { path: path.into(), source },
+        Format::Qcow2 => OpenError::Qcow2 { path: path.into(), source },
+    };
+    let locks = ChainLocks::acquire(&chain_files(path, format), !flags.readonly).map_err(|e| err(e.into()))?;
+    let inner: Box<dyn Disk> = match format {
+        Format::Raw => Box::new(RawDisk::open_with(path, flags).map_err(err)?),
+        Format::Qcow2 => Box::new(Qcow2Disk::open_with(path, flags).map_err(err)?),
+    };
+    Ok(Box::new(Locked { inner, locks: std::sync::Mutex::new(locks) }))
+}
+
+/// A disk and the locks of its chain, released when it is dropped.
+struct Locked {
+    inner: Box<dyn Disk>,
+    locks: std::sync::Mutex<ChainLocks>,
+}
+
+impl Disk for Locked {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn resize(&self, size: u64) -> io::Result<()> {
+        self.inner.resize(size)
+    }
+    fn backing_file(&self) -> Option<String> {
+        self.inner.backing_file()
+    }
+    fn file_len(&self) -> u64 {
+        self.inner.file_len()
+    }
+    fn uring_fd(&self) -> Option<(std::os::unix::io::RawFd, usize)> {
+        self.inner.uring_fd()
+    }
+    fn write_ranges(&self) -> Option<Arc<RangeLocks>> {
+        self.inner.write_ranges()
+    }
+    fn locks(&self) -> Option<&std::sync::Mutex<ChainLocks>> {
+        Some(&self.locks)
     }
 }
 

@@ -592,14 +592,43 @@ impl DriveRuntime {
                 role: if i == 0 { "the active image" } else { "a backing file" },
             });
         }
+        // An existing file another process uses is not overwritten (QEMU's image creation
+        // takes the file's lock first).
+        if path.exists() {
+            disk::lock::ImageLock::acquire(path, true)
+                .map_err(|e| SnapshotError::Create { path: shown.clone(), source: e.into() })?;
+        }
+        // The active image becomes a backing file: its lock drops write and resize, so the
+        // overlay's chain can take it read-only; taken back if the switch fails.
+        let writable_top = !self.drive.readonly && disk.locks().is_some();
+        if writable_top {
+            if let Some(l) = disk.locks() {
+                lock(l).top.to_readonly().map_err(|e| SnapshotError::Open { path: shown.clone(), source: e.into() })?;
+            }
+        }
+        let restore_lock = |disk: &dyn disk::Disk| {
+            if let (true, Some(l)) = (writable_top, disk.locks()) {
+                if let Err(e) = lock(l).top.to_writable() {
+                    tracing::error!(device = %self.id, "taking the image's write lock back: {e}");
+                }
+            }
+        };
         let size = disk.size();
-        disk::create_qcow2_overlay(path, size, &old.file.display().to_string(), old.format)
-            .map_err(|source| SnapshotError::Create { path: shown.clone(), source })?;
+        if let Err(source) = disk::create_qcow2_overlay(path, size, &old.file.display().to_string(), old.format) {
+            restore_lock(&**disk);
+            return Err(SnapshotError::Create { path: shown.clone(), source });
+        }
         let flags = OpenFlags { readonly: self.drive.readonly, direct: self.direct };
-        let new = disk::open(path, Format::Qcow2, flags).map_err(|e| SnapshotError::Open {
-            path: shown.clone(),
-            source: std::io::Error::new(e.io().kind(), e.io().to_string()),
-        })?;
+        let new = match disk::open(path, Format::Qcow2, flags) {
+            Ok(d) => d,
+            Err(e) => {
+                restore_lock(&**disk);
+                return Err(SnapshotError::Open {
+                    path: shown.clone(),
+                    source: std::io::Error::new(e.io().kind(), e.to_string()),
+                });
+            }
+        };
         *disk = new;
         *lock(&self.image) = Image { file: path.to_path_buf(), format: Format::Qcow2 };
         tracing::info!(device = %self.id, overlay = %shown, backing = %old.file.display(), "snapshot taken");

@@ -17,10 +17,10 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestMemory};
 
 use crate::disk::{AlignedBuf, Disk};
-use crate::pool::{Budget, Charge, BOUNCE_BUDGET};
-use std::sync::Arc;
 use crate::policy::{decide, Decision, IoOp};
+use crate::pool::{Budget, Charge, BOUNCE_BUDGET};
 use crate::stats::Stats;
+use std::sync::Arc;
 
 pub const SECTOR_SIZE: u64 = 512;
 /// Alignment of the requests' bounce buffers: what an O_DIRECT image needs, so it reads

@@ -2,6 +2,7 @@
 //! (the vhost-device-template way): every request type, and every hostile chain we know of.
 
 mod integrity;
+mod locks;
 mod snapshot;
 
 use std::sync::Mutex;

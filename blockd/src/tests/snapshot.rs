@@ -14,8 +14,7 @@ use crate::request::{Drive, Limits};
 use crate::service::BlockService;
 
 fn args(device: &str, file: &std::path::Path) -> BlockdevSnapshotSyncArgs {
-    serde_json::from_value(serde_json::json!({"device": device, "snapshot-file": file.display().to_string()}))
-        .unwrap()
+    serde_json::from_value(serde_json::json!({"device": device, "snapshot-file": file.display().to_string()})).unwrap()
 }
 
 /// A disk over a real image whose flush fails while `failing` is set.
@@ -46,6 +45,9 @@ impl Disk for FlushFails {
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::io::Result<()> {
         self.inner.write_zeroes(offset, len, unmap)
     }
+    fn locks(&self) -> Option<&std::sync::Mutex<crate::disk::lock::ChainLocks>> {
+        self.inner.locks()
+    }
 }
 
 #[test]
@@ -70,6 +72,8 @@ fn a_flush_error_fails_the_snapshot_before_anything_changes() {
     assert_eq!(rt.image.lock().unwrap().file, overlay);
     let recorded = crate::state::State::load(&state).unwrap().unwrap();
     assert_eq!(recorded.drives[0].file, overlay);
+    // Locks released before the files go (a freed inode is soon another test's file).
+    drop((svc, rt));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -102,5 +106,6 @@ fn a_snapshot_file_that_is_any_image_of_the_chain_is_refused() {
     }
     let after: Vec<Vec<u8>> = [&base, &mid, &top].iter().map(|p| std::fs::read(p).unwrap()).collect();
     assert!(before == after, "no image of the chain was touched");
+    drop((svc, rt));
     std::fs::remove_dir_all(&dir).unwrap();
 }
