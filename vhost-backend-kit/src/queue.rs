@@ -155,7 +155,13 @@ impl TrackedQueue {
                 );
                 vring.set_queue_next_avail(next_avail);
                 vring.set_queue_next_used(used);
-                st.resubmit = resubmit.into();
+                // A head past this ring's size (a region written for a bigger ring, or
+                // corrupted) names no descriptor: not resubmitted.
+                let (fits, past): (Vec<u16>, Vec<u16>) = resubmit.into_iter().partition(|&h| h < size);
+                if !past.is_empty() {
+                    tracing::warn!(queue = self.index, heads = ?past, size, "inflight heads past the ring's size ignored");
+                }
+                st.resubmit = fits.into();
                 st.counter = next_counter;
                 // "In case of I/O hang after reconnecting": the worker runs once the kick fd
                 // joins its epoll, whether or not the driver kicks again.
