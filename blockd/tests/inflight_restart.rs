@@ -324,16 +324,20 @@ fn hostile_available_index_stops_the_ring_and_signals_the_error() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(c.err.read().ok(), None, "one error signal only");
     assert_eq!(ring.used_idx(), 0, "nothing served from the hostile ring");
-    // blockd is not stuck in a loop: /proc says its threads sleep.
-    let busy = std::fs::read_dir(format!("/proc/{}/task", child.id()))
-        .unwrap()
-        .flatten()
-        .filter(|t| {
-            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-            stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('R'))
-        })
-        .count();
-    assert_eq!(busy, 0, "a blockd thread is running (spinning?)");
+    // blockd is not stuck in a loop: it uses next to no CPU over half a second (a spinning
+    // worker would use most of it, even on a loaded machine).
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        let f: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        // utime and stime: fields 14 and 15, the 12th and 13th after the command.
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: sysconf has no memory effects.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
+    let used_ms = (cpu() - before) * 1000 / hz;
+    assert!(used_ms < 100, "blockd used {used_ms} ms of CPU in 500 ms: spinning");
     // The frontend resets the ring (GET_VRING_BASE), the driver starts over sanely, the ring
     // restarts and serves.
     let base = c.fe.get_vring_base(0).unwrap();
