@@ -505,6 +505,8 @@ pub struct Qcow2Disk {
     backing: Option<String>,
     path: PathBuf,
     pub sync: StickySync,
+    /// Writes that may allocate and have not written their metadata back yet.
+    allocating: std::sync::atomic::AtomicUsize,
 }
 
 impl Qcow2Disk {
@@ -528,7 +530,17 @@ impl Qcow2Disk {
             backing,
             path: path.into(),
             sync: StickySync::new(flags.direct),
+            allocating: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Runs a write that may allocate, counted in `allocating` until its tables are written
+    /// back.
+    fn allocating_write(&self, f: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        self.allocating.fetch_add(1, Ordering::SeqCst);
+        let r = f();
+        self.allocating.fetch_sub(1, Ordering::SeqCst);
+        r
     }
 
     fn shared(&self) -> std::sync::RwLockReadGuard<'_, SyncFormatAccess<ImagoFile>> {
@@ -549,8 +561,27 @@ impl Disk for Qcow2Disk {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let access = self.shared();
-        access.write(buf, offset)?;
-        write_back_metadata(&access)
+        // A write whose whole range is already allocated and writable in place changes no
+        // metadata (nothing can unmap it meanwhile: discards take the image exclusively), so
+        // it may skip the write-back walk; any other write allocates and writes back.
+        let in_place = matches!(
+            access.get_mapping_sync(offset, buf.len() as u64),
+            Ok((imago::Mapping::Raw { writable: true, .. }, len)) if len >= buf.len() as u64
+        );
+        if in_place {
+            access.write(buf, offset)?;
+            // The mapping it found may be one an allocating write still in flight made and
+            // has not written back yet: then this write writes back too. No allocating write
+            // in flight now means each one before it wrote back its tables.
+            if self.allocating.load(Ordering::SeqCst) == 0 {
+                return Ok(());
+            }
+            return write_back_metadata(&access);
+        }
+        self.allocating_write(|| {
+            access.write(buf, offset)?;
+            write_back_metadata(&access)
+        })
     }
     fn flush(&self) -> io::Result<()> {
         let access = self.shared();
@@ -569,8 +600,10 @@ impl Disk for Qcow2Disk {
             write_back_metadata(&access)
         } else {
             let access = self.shared();
-            access.write_zeroes(offset, len)?;
-            write_back_metadata(&access)
+            self.allocating_write(|| {
+                access.write_zeroes(offset, len)?;
+                write_back_metadata(&access)
+            })
         }
     }
     fn resize(&self, size: u64) -> io::Result<()> {
@@ -596,7 +629,8 @@ impl Disk for Qcow2Disk {
 /// durability against a host crash is the guest's FLUSH), refcount blocks before the L2 tables
 /// that point at them (imago orders its caches so), after the data itself was written. A
 /// write into clusters already allocated leaves nothing dirty, and the write-back finds no
-/// table to write.
+/// table to write; [`Qcow2Disk::write_at`] skips the walk for it unless an allocating write is in
+/// flight.
 fn write_back_metadata(access: &SyncFormatAccess<ImagoFile>) -> io::Result<()> {
     access.flush()
 }

@@ -75,6 +75,12 @@ fn kill_writes() -> Vec<(u64, Vec<u8>)> {
     (0..16u64).map(|i| (i * (160 << 20) + (i % 3) * 4096, pattern(i + 1, 8192 + 512 * (i as usize % 4)))).collect()
 }
 
+/// One fresh cluster the four writers of the kill test write at once, 4 KiB each: one write
+/// allocates it, the others may find it mapped before its tables are written back.
+fn shared_cluster_writes() -> Vec<(u64, Vec<u8>)> {
+    (0..4u64).map(|t| ((2900 << 20) + t * 4096, pattern(100 + t, 4096))).collect()
+}
+
 const KILL_ENV: &str = "BLOCKD_INTEGRITY_KILL_IMAGE";
 
 /// The child half of `acknowledged_qcow2_writes_survive_sigkill`: writes through the request
@@ -84,11 +90,28 @@ const KILL_ENV: &str = "BLOCKD_INTEGRITY_KILL_IMAGE";
 fn kill_child() {
     let Ok(path) = std::env::var(KILL_ENV) else { return };
     let disk = disk::open(Path::new(&path), Format::Qcow2, OpenFlags::default()).unwrap();
-    let drive = Drive::new(disk, false, vec![], limits());
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    for (off, data) in kill_writes() {
-        let mut d = data.clone();
-        assert_eq!(request(&drive, &mem, 0, VIRTIO_BLK_T_OUT, off / 512, &mut d), VIRTIO_BLK_S_OK as u8);
+    let drive = Arc::new(Drive::new(disk, false, vec![], limits()));
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 16)]).unwrap();
+    // Four writers at once, as the I/O pool runs them: allocations and metadata write-backs
+    // interleave.
+    let writes = kill_writes();
+    let barrier = Arc::new(std::sync::Barrier::new(4));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (drive, mem, barrier) = (drive.clone(), mem.clone(), barrier.clone());
+            let mut mine = vec![shared_cluster_writes()[t as usize].clone()];
+            mine.extend(writes.iter().skip(t as usize).step_by(4).cloned());
+            std::thread::spawn(move || {
+                barrier.wait();
+                for (off, mut d) in mine {
+                    let st = request(&drive, &mem, t << 16, VIRTIO_BLK_T_OUT, off / 512, &mut d);
+                    assert_eq!(st, VIRTIO_BLK_S_OK as u8);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
     }
     println!("ACKED");
     std::thread::sleep(Duration::from_secs(60));
@@ -138,7 +161,7 @@ fn acknowledged_qcow2_writes_survive_sigkill() {
         Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(&img).arg(&raw).status().unwrap();
     assert!(conv.success());
     let f = std::fs::File::open(&raw).unwrap();
-    for (off, data) in kill_writes() {
+    for (off, data) in kill_writes().into_iter().chain(shared_cluster_writes()) {
         let mut back = vec![0u8; data.len()];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, off).unwrap();
         assert!(back == data, "the acknowledged write at {off} is lost after the kill");
