@@ -385,3 +385,54 @@ fn connect_again(c: Conn, mem: &GuestMemoryMmap, base: u16) -> Conn {
     fe.set_vring_enable(0, true).unwrap();
     Conn { fe, kick, _call: call, err }
 }
+
+/// GET_VRING_BASE stops the ring: blockd answers only once the ring's requests completed, so
+/// a frontend that stopped its rings knows nothing writes guest RAM any more.
+#[test]
+fn get_vring_base_waits_for_the_rings_requests() {
+    let dir = scratch("stop");
+    let (socket, image, log) = (dir.join("blk.sock"), dir.join("disk.raw"), dir.join("blockd.log"));
+    File::create(&image).unwrap().set_len(u64::from(REQS) * LEN).unwrap();
+    let mem = guest();
+    let ring = Ring { mem: &mem };
+    let mut region = None;
+    let mut child = blockd(&socket, &image, &log);
+    let mut c = connect(&socket, &mem, &mut region, 0);
+    let mut caught = 0;
+    for round in 0..4u32 {
+        let first = ring.used_idx();
+        for i in 0..REQS {
+            ring.write_request(i, &pattern(round, i));
+            ring.offer(3 * i);
+        }
+        c.kick.write(1).unwrap();
+        // Stop as soon as blockd took something (writethrough: most are still running).
+        let end = Instant::now() + WAIT;
+        while ring.used_idx() == first && !(0..REQS).any(|i| recorded(&region.as_ref().unwrap().1, 3 * i)) {
+            assert!(Instant::now() < end, "blockd took nothing");
+            std::hint::spin_loop();
+        }
+        let running = REQS - ring.used_idx().wrapping_sub(first);
+        let base = c.fe.get_vring_base(0).unwrap();
+        // When the answer comes, every request blockd took is in the used ring.
+        let done = ring.used_idx();
+        assert_eq!(u32::from(done), base, "round {round}: the base is the used index: nothing taken is left running");
+        if running > 1 && done.wrapping_sub(first) > 0 {
+            caught += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(ring.used_idx(), done, "round {round}: a completion after GET_VRING_BASE answered");
+        // Serve the rest (if blockd stopped before taking all) on the restarted ring.
+        c = connect_again(c, &mem, base as u16);
+        c.kick.write(1).unwrap();
+        let end = Instant::now() + WAIT;
+        while ring.used_idx().wrapping_sub(first) < REQS {
+            assert!(Instant::now() < end, "round {round}: the restarted ring does not finish");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    assert!(caught >= 1, "GET_VRING_BASE never came with requests running: the test proved nothing");
+    drop(c);
+    child.kill();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
