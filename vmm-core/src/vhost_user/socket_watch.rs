@@ -16,8 +16,8 @@ pub struct SocketWatch {
     fd: OwnedFd,
     dir: PathBuf,
     name: OsString,
-    /// The watch on `dir`, while the directory exists.
-    watching: bool,
+    /// The watch on `dir`, while there is one.
+    wd: Option<i32>,
 }
 
 impl SocketWatch {
@@ -36,7 +36,7 @@ impl SocketWatch {
             _ => PathBuf::from("."),
         };
         let name = socket.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        let mut w = SocketWatch { fd, dir, name, watching: false };
+        let mut w = SocketWatch { fd, dir, name, wd: None };
         w.rearm();
         Ok(w)
     }
@@ -44,14 +44,24 @@ impl SocketWatch {
     /// Adds the directory watch if it is not in place (the directory appeared, or was removed
     /// and made again).
     pub fn rearm(&mut self) {
-        if self.watching {
+        if self.wd.is_some() {
             return;
         }
         let Ok(path) = std::ffi::CString::new(self.dir.as_os_str().as_bytes()) else { return };
         let mask = MASK | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF;
         // SAFETY: a live inotify descriptor and a NUL-terminated path.
         let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), path.as_ptr(), mask) };
-        self.watching = wd >= 0;
+        self.wd = (wd >= 0).then_some(wd);
+    }
+
+    /// Removes the watch (while connected: events in a busy directory would only wake the
+    /// worker for nothing) and drops the events queued so far.
+    pub fn disarm(&mut self) {
+        if let Some(wd) = self.wd.take() {
+            // SAFETY: a live inotify descriptor and a watch it returned.
+            unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
+            self.drain();
+        }
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -78,8 +88,9 @@ impl SocketWatch {
                 let (mask, len) = (word(at + 4), word(at + 12) as usize);
                 let name = bytes.get(at + head..at + head + len).unwrap_or(&[]);
                 let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-                if mask & (libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0 {
-                    self.watching = false;
+                let wd = i32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+                if mask & (libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0 && self.wd == Some(wd) {
+                    self.wd = None;
                 }
                 if mask & MASK != 0 && name == self.name.as_bytes() {
                     seen = true;
@@ -120,6 +131,16 @@ mod tests {
         assert!(readable(w.raw_fd(), 1000));
         assert!(w.drain());
         assert!(!w.drain(), "drained");
+        // Disarmed, nothing is seen; rearmed, it is again.
+        w.disarm();
+        std::fs::remove_file(&sock).expect("rm");
+        let _l2 = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        assert!(!readable(w.raw_fd(), 50));
+        w.rearm();
+        std::fs::remove_file(&sock).expect("rm");
+        let _l3 = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        assert!(readable(w.raw_fd(), 1000));
+        assert!(w.drain());
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -383,6 +383,14 @@ impl Worker {
     /// The thread's body: until [`Command::Exit`].
     pub fn run(mut self) {
         loop {
+            // The socket is only worth watching while there is no connection.
+            if let Some(w) = self.watch.as_mut() {
+                if matches!(self.link, Link::Up(_)) {
+                    w.disarm();
+                } else {
+                    w.rearm();
+                }
+            }
             // Fixed slots: wake, watch, error fds, then the connection's two.
             let mut fds = vec![pollfd(self.mailbox.wake.as_raw_fd(), libc::POLLIN)];
             fds.push(pollfd(self.watch.as_ref().map_or(-1, |w| w.raw_fd()), libc::POLLIN));
@@ -454,9 +462,6 @@ impl Worker {
             }
             if let Link::Down { next_try, .. } = &self.link {
                 if Instant::now() >= *next_try {
-                    if let Some(w) = self.watch.as_mut() {
-                        w.rearm();
-                    }
                     self.try_connect();
                 }
             }
