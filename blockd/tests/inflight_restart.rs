@@ -7,6 +7,9 @@
 //! write. The truth: the used ring as the driver reads it, and the image file's bytes.
 //! Without inflight tracking, completions out of order make the restarted backend redo
 //! requests already completed (a head twice in the used ring) or never run the others.
+//! Also over a real connection: a hostile available index stops the ring (SET_VRING_ERR, no
+//! spin) until it is restarted, and GET_VRING_BASE answers only once the ring's requests
+//! completed.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
