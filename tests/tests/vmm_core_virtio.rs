@@ -222,9 +222,9 @@ fn a_killed_backend_is_replaced_and_no_write_is_lost() {
     eprintln!("16 queued requests completed {:?} after the new blockd was ready", ready.elapsed());
 
     // Killed right after a kick, three times: the request is queued, taken or half done when
-    // blockd dies, and runs (again) on the next one. One request at a time, so completions
-    // cannot be out of order (the case the used-index replay cannot make exact; see vmm-core's
-    // vhost_user docs).
+    // blockd dies, and runs (again) on the next one. One request at a time; batches killed
+    // mid-flight (out-of-order completions, where the inflight region makes the replay exact)
+    // are `killed_with_a_batch_in_flight_every_request_completes_exactly_once`.
     for round in 0..3u16 {
         write(&mut q, &mut statuses);
         q.kick();
