@@ -7,11 +7,13 @@
 # W writers run in parallel. Pass p of writer w (w = 0..W-1, p = 1, 2, ...) writes B blocks of
 # K KiB with O_DIRECT to slot ((p-1)*W + w) % S of DEV (a slot is B*K KiB; S is a multiple of W,
 # so a slot only ever holds one writer's passes), block b holding the text
-# "FLOTILLA w=<w> p=<p> b=<b>\n" repeated and cut at K KiB. Each pass reads its slot back with
+# "FLOTILLA w=<w> p=<p> b=<b>\n" repeated and cut at K KiB; the B blocks are written by B dd
+# processes at once, so that W*B writes can be in flight. Each pass then reads its slot back with
 # O_DIRECT and compares. Every pass prints one line:
 #   WV w=<w> p=<p> ok|BAD <cmp's line>|ERR <what> if=<reads>/<writes>
 # where reads/writes are DEV's requests in flight as the line is printed. A probe reads 4 KiB
-# with O_DIRECT in a loop and prints "WT <n>" after each. Once /tmp/stop exists each writer ends
+# with O_DIRECT in a loop and prints "WT <n> <guest uptime in s>" after each (the host maps the
+# guest's clock onto its own to time the read, not the line's way out through the serial port). Once /tmp/stop exists each writer ends
 # after its pass with "WV w=<w> done p=<last pass whose write succeeded>", the probe with "WT done".
 wvpat() {
     b=0
@@ -30,9 +32,16 @@ wvw() {
         s=$((s % S))
         wvpat "$w" "$B" "$p" "/tmp/wvp$w" "$K"
         st=ok
-        if ! dd if=/tmp/wvp$w of="$D" bs=${K}k seek=$((s * B)) count="$B" oflag=direct conv=notrunc 2>/tmp/wve$w; then
-            st="ERR write $(tail -n 1 /tmp/wve$w)"
-        else
+        pids="" b=0
+        while [ "$b" -lt "$B" ]; do
+            dd if=/tmp/wvp$w of="$D" bs=${K}k skip=$b seek=$((s * B + b)) count=1 oflag=direct conv=notrunc 2>/tmp/wve$w.$b &
+            pids="$pids $!"
+            b=$((b + 1))
+        done
+        for pid in $pids; do
+            wait "$pid" || st="ERR write $(grep -hv records /tmp/wve$w.* | tail -n 1)"
+        done
+        if [ "$st" = ok ]; then
             last=$p
             if ! dd if="$D" of=/tmp/wvr$w bs=${K}k skip=$((s * B)) count="$B" iflag=direct 2>/tmp/wve$w; then
                 st="ERR read $(tail -n 1 /tmp/wve$w)"
@@ -49,7 +58,8 @@ wvt() {
     n=0
     while [ ! -e /tmp/stop ]; do
         dd if="$1" of=/dev/null bs=4k count=1 skip=$((n % 256)) iflag=direct 2>/dev/null || echo "WT ERR $n"
-        echo "WT $n"
+        read -r up _ </proc/uptime
+        echo "WT $n $up"
         n=$((n + 1))
     done
     echo "WT done"

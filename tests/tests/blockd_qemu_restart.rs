@@ -29,8 +29,15 @@ const KILLS: usize = 12;
 /// allocates fresh clusters (metadata changes in flight at every kill) for 256 passes a writer.
 const LOAD: Load = Load { writers: 4, blocks: 4, kib: 64, slots: 1024 };
 
+/// A kill follows a pass line showing a request in flight (2 at once are rarely seen: on a
+/// fast backend a minute can pass without one); blockd's resubmissions are checked at the end.
 fn settings() -> Settings {
-    Settings { kills: KILLS, busy_timeout: Duration::from_secs(60), progress_timeout: Duration::from_secs(45) }
+    Settings {
+        kills: KILLS,
+        min_inflight: 1,
+        busy_timeout: Duration::from_secs(60),
+        progress_timeout: Duration::from_secs(45),
+    }
 }
 
 fn image(dir: &TempDir, format: &str) -> std::path::PathBuf {
@@ -91,22 +98,24 @@ fn kill_blockd_during_write_and_verify(format: &str) {
     };
     let report = summary(&o);
     eprintln!("{format}: {report}");
-    let log = || blockd.log_tail(60);
-    assert!(
-        o.hang.is_none(),
-        "guest I/O hung: {}\n{report}\nblockd's log:\n{}",
-        o.hang.as_deref().unwrap_or(""),
-        log()
-    );
+    // Every failure at once: a hang also leaves errors or bad read-backs worth seeing.
+    let mut failed = Vec::new();
+    if let Some(h) = &o.hang {
+        failed.push(format!("guest I/O stalled: {h}"));
+    }
+    if !o.errors.is_empty() {
+        let first: Vec<&String> = o.errors.iter().take(10).collect();
+        failed.push(format!("{} I/O errors in the guest, the first: {first:#?}", o.errors.len()));
+    }
+    if !o.bad.is_empty() {
+        let first: Vec<&String> = o.bad.iter().take(10).collect();
+        failed.push(format!("{} read-backs differed from what was written, the first: {first:#?}", o.bad.len()));
+    }
+    if !o.dmesg.is_empty() {
+        failed.push(format!("the guest's kernel logged: {:#?}", o.dmesg));
+    }
+    assert!(failed.is_empty(), "{}\n{report}\nblockd's log:\n{}", failed.join("\n"), blockd.log_tail(60));
     assert_eq!(o.kills.len(), KILLS, "{report}");
-    assert!(o.errors.is_empty(), "I/O errors in the guest: {:#?}\n{report}\nblockd's log:\n{}", o.errors, log());
-    assert!(
-        o.bad.is_empty(),
-        "read-back differed from what was written: {:#?}\n{report}\nblockd's log:\n{}",
-        o.bad,
-        log()
-    );
-    assert!(o.dmesg.is_empty(), "the guest's kernel logged: {:#?}\n{report}", o.dmesg);
     q.poweroff();
     // A last SIGKILL instead of a clean stop: what the guest saw acknowledged must be in the file.
     blockd.kill().unwrap_or_else(|e| panic!("{e}"));
@@ -115,15 +124,19 @@ fn kill_blockd_during_write_and_verify(format: &str) {
         // 3: leaked clusters only (allocated, never referenced: what a kill mid-allocation
         // leaves, as with QEMU); 2 would be corruption.
         assert!(*code == 0 || *code == 3, "qemu-img check (exit {code}):\n{text}");
-        eprintln!("{format}: qemu-img check exit {code}: {}", text.lines().last().unwrap_or(""));
+        let said = text.lines().filter(|l| l.contains("were found")).collect::<Vec<_>>().join("; ");
+        eprintln!("{format}: qemu-img check exit {code}: {said}");
     }
     assert!(c.mismatches.is_empty(), "the image differs from what the guest wrote: {:#?}\n{report}", c.mismatches);
+    // blockd's own view: requests it found recorded in flight and redid after a restart.
     let log = blockd.log();
-    eprintln!(
-        "{format}: blockd started {} times; log lines mentioning inflight: {}",
-        blockd.starts,
-        log.lines().filter(|l| l.to_ascii_lowercase().contains("inflight")).count()
-    );
+    let resubmitted: u64 = log
+        .lines()
+        .filter(|l| l.contains("ring recovered from the inflight region"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("resubmit=")?.parse::<u64>().ok()))
+        .sum();
+    eprintln!("{format}: blockd started {} times, resubmitted {resubmitted} requests in all", blockd.starts);
+    assert!(resubmitted > 0, "no kill caught a request in flight in blockd (none resubmitted):\n{report}");
 }
 
 #[test]

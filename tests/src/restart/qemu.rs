@@ -7,6 +7,7 @@ use super::kit::kit;
 use super::RigError;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
@@ -33,7 +34,18 @@ impl Qemu {
         let kit = kit()?;
         let serial = dir.join("serial.sock");
         let _ = std::fs::remove_file(&serial);
-        let mut child = Command::new("qemu-system-x86_64")
+        let mut cmd = Command::new("qemu-system-x86_64");
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory: QEMU must
+        // not outlive the test or bench (thread) that started it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .args(["-accel", "tcg", "-m", "512", "-smp", &smp.to_string()])
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem"])
             .arg("-chardev")

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub kills: usize,
+    /// A kill follows a pass line that shows at least this many requests in flight on the disk.
+    pub min_inflight: u32,
     /// Up to this long for a pass line showing requests in flight (the kill's trigger).
     pub busy_timeout: Duration,
     /// Up to this long after a kill for the probe and every writer to make progress.
@@ -30,8 +32,8 @@ pub struct Kill {
     pub inflight: u32,
     /// SIGKILL -> the new backend's socket exists.
     pub listening_ms: f64,
-    /// SIGKILL -> the first probe read that cannot have completed before the kill (the second
-    /// probe line after it): guest I/O flowing again, to within one probe interval.
+    /// SIGKILL -> the first probe read completed after it, by the guest's clock mapped onto the
+    /// host's (see `GuestClock`; within about 20 ms): guest I/O flowing again.
     pub probe_ms: Option<f64>,
     /// SIGKILL -> every writer printed a pass line.
     pub writers_ms: Option<f64>,
@@ -59,9 +61,28 @@ pub struct Outcome {
 struct Progress {
     /// Per writer: when its last pass line arrived.
     writer_at: Vec<Option<Instant>>,
-    tick: Option<u64>,
-    tick_at: Option<Instant>,
 }
+
+/// The guest's uptime mapped onto the host's clock: host = uptime + offset, the offset being
+/// the smallest (host arrival - uptime) seen, i.e. the probe line with the quickest way out.
+/// Under TCG the guest's clock follows the host's; /proc/uptime counts in 10 ms.
+struct GuestClock {
+    base: Instant,
+    offset: f64,
+}
+
+impl GuestClock {
+    fn secs(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.base).as_secs_f64()
+    }
+
+    fn saw(&mut self, at: Instant, up: f64) {
+        self.offset = self.offset.min(self.secs(at) - up);
+    }
+}
+
+/// A probe read whose completion maps to within this of the kill may have completed before it.
+const CLOCK_SLACK_S: f64 = 0.02;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -77,6 +98,7 @@ struct Run<'a> {
     load: Load,
     out: Outcome,
     prog: Progress,
+    clock: GuestClock,
 }
 
 impl Run<'_> {
@@ -96,10 +118,7 @@ impl Run<'_> {
                     Status::Err(s) => self.out.errors.push(format!("writer {w} pass {p}: {s}")),
                 }
             }
-            Some(Event::Tick(n)) => {
-                self.prog.tick = Some(*n);
-                self.prog.tick_at = Some(at);
-            }
+            Some(Event::Tick(_, up)) => self.clock.saw(at, *up),
             Some(Event::TickErr(s)) => self.out.errors.push(format!("probe: {s}")),
             Some(Event::Done { w, last }) => {
                 if let Some(l) = self.out.last.get_mut(*w as usize) {
@@ -123,7 +142,8 @@ pub fn soak(q: &mut Qemu, backend: &mut Backend, load: Load, s: &Settings) -> Re
         q,
         load,
         out: Outcome { last: vec![0; n], ..Default::default() },
-        prog: Progress { writer_at: vec![None; n], tick: None, tick_at: None },
+        prog: Progress { writer_at: vec![None; n] },
+        clock: GuestClock { base: Instant::now(), offset: f64::INFINITY },
     };
     warm_up(&mut run)?;
     for i in 0..s.kills {
@@ -146,16 +166,16 @@ fn warm_up(run: &mut Run) -> Result<(), RigError> {
     let mut passes = vec![0u32; run.load.writers as usize];
     let mut ticks = Vec::new();
     while passes.iter().any(|&p| p < 2) {
-        let Some(((at, _), ev)) = run.next(deadline)? else {
+        let Some((_, ev)) = run.next(deadline)? else {
             return Err(run.q.guest_error(&format!("the writers did not start (passes per writer {passes:?})")));
         };
         match ev {
             Some(Event::Pass { w, .. }) => passes[w as usize] += 1,
-            Some(Event::Tick(_)) => ticks.push(at),
+            Some(Event::Tick(_, up)) => ticks.push(up),
             _ => {}
         }
     }
-    let mut gaps: Vec<f64> = ticks.windows(2).map(|w| ms(w[1] - w[0])).collect();
+    let mut gaps: Vec<f64> = ticks.windows(2).map(|w| (w[1] - w[0]) * 1000.0).collect();
     run.out.probe_interval_ms = median(&mut gaps);
     Ok(())
 }
@@ -165,20 +185,21 @@ fn kill_once(run: &mut Run, backend: &mut Backend, s: &Settings, i: usize) -> Re
     let deadline = Instant::now() + s.busy_timeout;
     let (trigger, inflight) = loop {
         match run.next(deadline)? {
-            Some(((_, text), Some(Event::Pass { reads, writes, .. }))) if reads + writes > 0 => {
+            Some(((_, text), Some(Event::Pass { reads, writes, .. }))) if reads + writes >= s.min_inflight => {
                 break (text, reads + writes)
             }
             Some(_) => {}
             None => {
                 return Ok(Err(format!(
-                    "before kill {}: no pass line showing requests in flight within {:?}",
+                    "before kill {}: no pass line showing {} or more requests in flight within {:?} \
+                     (not a hang if pass lines kept coming)",
                     i + 1,
+                    s.min_inflight,
                     s.busy_timeout
                 )))
             }
         }
     };
-    let tick0 = run.prog.tick;
     let killed = Instant::now();
     backend.kill_and_restart()?;
     let listening_ms = ms(killed.elapsed());
@@ -196,10 +217,11 @@ fn kill_once(run: &mut Run, backend: &mut Backend, s: &Settings, i: usize) -> Re
                 if probe_ms.is_none() { " and the probe" } else { "" }
             )));
         };
-        if let Some(Event::Tick(n)) = ev {
-            // The first probe line after the kill may be from a read done before it.
-            if probe_ms.is_none() && tick0.is_none_or(|t0| n >= t0 + 2) {
-                probe_ms = Some(ms(at - killed));
+        if let Some(Event::Tick(_, up)) = ev {
+            // When the read completed, on the host's clock (not when its line arrived).
+            let done = up + run.clock.offset - run.clock.secs(killed);
+            if probe_ms.is_none() && done > CLOCK_SLACK_S {
+                probe_ms = Some(done * 1000.0);
             }
         }
         if writers_ms.is_none() && run.prog.writer_at.iter().all(|t| t.is_some_and(|t| t > killed)) {

@@ -91,11 +91,21 @@ pub enum Status {
 }
 
 /// One line of the script's output.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Pass { w: u32, p: u64, status: Status, reads: u32, writes: u32 },
-    Done { w: u32, last: u64 },
-    Tick(u64),
+    Pass {
+        w: u32,
+        p: u64,
+        status: Status,
+        reads: u32,
+        writes: u32,
+    },
+    Done {
+        w: u32,
+        last: u64,
+    },
+    /// A probe read done: its number and the guest's uptime (s) when it completed.
+    Tick(u64, f64),
     TickErr(String),
     TickDone,
 }
@@ -110,7 +120,10 @@ pub fn parse(line: &str) -> Option<Event> {
         return Some(match rest.trim() {
             "done" => Event::TickDone,
             r if r.starts_with("ERR") => Event::TickErr(r.to_string()),
-            r => Event::Tick(r.parse().ok()?),
+            r => {
+                let (n, up) = r.split_once(' ')?;
+                Event::Tick(n.parse().ok()?, up.trim().parse().ok()?)
+            }
         });
     }
     let rest = line.strip_prefix("WV ")?;
@@ -182,7 +195,8 @@ mod tests {
             Some(Event::Pass { status: Status::Err(_), .. })
         ));
         assert_eq!(parse("WV w=3 done p=40"), Some(Event::Done { w: 3, last: 40 }));
-        assert_eq!(parse("WT 12"), Some(Event::Tick(12)));
+        assert_eq!(parse("WT 12 31.57"), Some(Event::Tick(12, 31.57)));
+        assert_eq!(parse("WT 12"), None);
         assert_eq!(parse("WT done"), Some(Event::TickDone));
         assert_eq!(parse("        echo \"WV w=$w p=$p $st if=$ri/$wi\""), None);
     }
