@@ -351,6 +351,7 @@ fn run(exit: ExitSignals) -> Result<Infallible, MainError> {
         }
         runtimes.push(rt);
     }
+    let all = runtimes.clone();
     exit.on_exit({
         let runtimes = runtimes.clone();
         move |_signal| flush_images(&runtimes)
@@ -365,7 +366,11 @@ fn run(exit: ExitSignals) -> Result<Infallible, MainError> {
         servers.spawn(Arc::new(DriveDevice { drive, num_queues }), listener)?;
     }
     args.common.report_ready();
-    Err(servers.wait().into())
+    let failed = servers.wait();
+    // A socket can no longer be served and blockd ends: what the frontends wrote is made
+    // durable first, as on a signal.
+    flush_images(&all);
+    Err(failed.into())
 }
 
 const PROGRAM: Program =
