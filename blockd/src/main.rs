@@ -58,7 +58,7 @@ enum MainError {
     #[error(transparent)]
     Serve(#[from] vhost_backend_kit::serve::ServeError),
     #[error(transparent)]
-    Dbus(#[from] daemon_start::BusThreadError),
+    Dbus(#[from] vhost_backend_kit::daemon_start::BusThreadError),
     #[error("the recorded images: {0}")]
     State(#[from] blockd::state::StateError),
 }
