@@ -61,8 +61,9 @@ pub fn serve_forever<D: Device>(device: &D, listener: &mut Listener) -> Result<I
     let daemon_error = |error| ServeError::Daemon { device: label.clone(), error };
     loop {
         let backend = device.backend().map_err(backend_error)?;
-        let mut daemon = VhostUserDaemon::new(label.clone(), backend.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
-            .map_err(daemon_error)?;
+        let mut daemon =
+            VhostUserDaemon::new(label.clone(), backend.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+                .map_err(daemon_error)?;
         device.attach(&backend, &daemon.get_epoll_handlers()).map_err(backend_error)?;
         daemon.start(listener).map_err(daemon_error)?;
         tracing::info!(device = %label, "frontend connected");
