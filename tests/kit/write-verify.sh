@@ -12,8 +12,9 @@
 # O_DIRECT and compares. Every pass prints one line:
 #   WV w=<w> p=<p> ok|BAD <cmp's line>|ERR <what> if=<reads>/<writes>
 # where reads/writes are DEV's requests in flight as the line is printed. A probe reads 4 KiB
-# with O_DIRECT in a loop and prints "WT <n> <guest uptime in s>" after each (the host maps the
-# guest's clock onto its own to time the read, not the line's way out through the serial port). Once /tmp/stop exists each writer ends
+# with O_DIRECT in a loop and prints "WT <n> <start> <end>" after each, the guest's uptime in s
+# before and after the read (the host maps the guest's clock onto its own to time the read, not
+# the line's way out through the serial port). Once /tmp/stop exists each writer ends
 # after its pass with "WV w=<w> done p=<last pass whose write succeeded>", the probe with "WT done".
 wvpat() {
     b=0
@@ -57,9 +58,10 @@ wvw() {
 wvt() {
     n=0
     while [ ! -e /tmp/stop ]; do
+        read -r t0 _ </proc/uptime
         dd if="$1" of=/dev/null bs=4k count=1 skip=$((n % 256)) iflag=direct 2>/dev/null || echo "WT ERR $n"
-        read -r up _ </proc/uptime
-        echo "WT $n $up"
+        read -r t1 _ </proc/uptime
+        echo "WT $n $t0 $t1"
         n=$((n + 1))
     done
     echo "WT done"

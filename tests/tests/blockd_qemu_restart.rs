@@ -4,14 +4,21 @@
 //! good; with qcow2 a chunk read back differed from what was written).
 //!
 //! Four writers and a probe run in the guest (`tests/kit/write-verify.sh`): each pass writes
-//! distinct text to a fresh slot with O_DIRECT, reads it back with O_DIRECT and compares. Each
-//! kill follows at once a pass line showing requests in flight on the disk; blockd is started
-//! again on the same socket. Asserted: every kill is recovered from (the probe and every writer
-//! progress within a bound: a lost request hangs a writer for good, since Linux's virtio-blk
-//! never times requests out), no dd failed, every read-back matched, the guest's kernel logged
-//! no I/O error, and afterwards (blockd SIGKILLed once more, not stopped cleanly) the image's
-//! bytes on the host - the raw file, or qcow2 through `qemu-img convert` after `qemu-img check`
-//! found no corruption - are exactly what the writers' last passes wrote.
+//! distinct text to a fresh slot with four O_DIRECT dd at once, reads it back with O_DIRECT and
+//! compares. Each kill follows at once a pass line showing a request in flight on the disk;
+//! blockd is started again on the same socket. Asserted: every kill is recovered from (the probe
+//! and every writer progress within a bound: a lost request hangs a writer for good, since
+//! Linux's virtio-blk never times requests out), no dd failed, every read-back matched, the
+//! guest's kernel logged no I/O error, afterwards (blockd SIGKILLed once more, not stopped
+//! cleanly) the image's bytes on the host - the raw file, or qcow2 through `qemu-img convert`
+//! after `qemu-img check` found no corruption (leaked clusters allowed) - are exactly what the
+//! writers' last passes wrote, and blockd's log shows it resubmitted requests it found in flight
+//! (so the kills did land on requests in blockd's hands).
+//!
+//! Against the blockd of 350f321 (before issue 9) the qcow2 case fails: after a few kills the
+//! guest's writes and reads get I/O errors and then stall. The raw case then still passed its
+//! data checks (QEMU restarts a ring at the used index, which is right unless completions were
+//! out of order at the kill) and failed only for want of resubmissions.
 //!
 //! Needs `qemu-system-x86_64` and `qemu-img` (`scripts/setup-host` installs them). Bounded
 //! everywhere; takes a few minutes per format under TCG.

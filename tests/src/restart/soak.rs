@@ -32,8 +32,9 @@ pub struct Kill {
     pub inflight: u32,
     /// SIGKILL -> the new backend's socket exists.
     pub listening_ms: f64,
-    /// SIGKILL -> the first probe read completed after it, by the guest's clock mapped onto the
-    /// host's (see `GuestClock`; within about 20 ms): guest I/O flowing again.
+    /// SIGKILL -> the first probe read issued after it completed, by the guest's clock mapped
+    /// onto the host's (see `GuestClock`): guest I/O flowing again, late by at most one probe
+    /// interval plus the clock's 20 ms slack.
     pub probe_ms: Option<f64>,
     /// SIGKILL -> every writer printed a pass line.
     pub writers_ms: Option<f64>,
@@ -81,7 +82,7 @@ impl GuestClock {
     }
 }
 
-/// A probe read whose completion maps to within this of the kill may have completed before it.
+/// A probe read whose start maps to within this of the kill may have started before it.
 const CLOCK_SLACK_S: f64 = 0.02;
 
 fn ms(d: Duration) -> f64 {
@@ -118,7 +119,7 @@ impl Run<'_> {
                     Status::Err(s) => self.out.errors.push(format!("writer {w} pass {p}: {s}")),
                 }
             }
-            Some(Event::Tick(_, up)) => self.clock.saw(at, *up),
+            Some(Event::Tick(_, _, end)) => self.clock.saw(at, *end),
             Some(Event::TickErr(s)) => self.out.errors.push(format!("probe: {s}")),
             Some(Event::Done { w, last }) => {
                 if let Some(l) = self.out.last.get_mut(*w as usize) {
@@ -171,7 +172,7 @@ fn warm_up(run: &mut Run) -> Result<(), RigError> {
         };
         match ev {
             Some(Event::Pass { w, .. }) => passes[w as usize] += 1,
-            Some(Event::Tick(_, up)) => ticks.push(up),
+            Some(Event::Tick(_, _, end)) => ticks.push(end),
             _ => {}
         }
     }
@@ -217,11 +218,13 @@ fn kill_once(run: &mut Run, backend: &mut Backend, s: &Settings, i: usize) -> Re
                 if probe_ms.is_none() { " and the probe" } else { "" }
             )));
         };
-        if let Some(Event::Tick(_, up)) = ev {
-            // When the read completed, on the host's clock (not when its line arrived).
-            let done = up + run.clock.offset - run.clock.secs(killed);
-            if probe_ms.is_none() && done > CLOCK_SLACK_S {
-                probe_ms = Some(done * 1000.0);
+        if let Some(Event::Tick(_, start, end)) = ev {
+            // On the host's clock, from the kill (not when the line arrived). Only a read issued
+            // after the kill counts: one the dying backend completed can be seen by the guest
+            // tens of ms later under TCG. The one in flight at the kill ended a read earlier.
+            let from_kill = |t: f64| t + run.clock.offset - run.clock.secs(killed);
+            if probe_ms.is_none() && from_kill(start) > CLOCK_SLACK_S {
+                probe_ms = Some(from_kill(end) * 1000.0);
             }
         }
         if writers_ms.is_none() && run.prog.writer_at.iter().all(|t| t.is_some_and(|t| t > killed)) {

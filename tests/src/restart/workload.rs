@@ -104,8 +104,8 @@ pub enum Event {
         w: u32,
         last: u64,
     },
-    /// A probe read done: its number and the guest's uptime (s) when it completed.
-    Tick(u64, f64),
+    /// A probe read done: its number and the guest's uptime (s) before and after it.
+    Tick(u64, f64, f64),
     TickErr(String),
     TickDone,
 }
@@ -121,8 +121,9 @@ pub fn parse(line: &str) -> Option<Event> {
             "done" => Event::TickDone,
             r if r.starts_with("ERR") => Event::TickErr(r.to_string()),
             r => {
-                let (n, up) = r.split_once(' ')?;
-                Event::Tick(n.parse().ok()?, up.trim().parse().ok()?)
+                let mut f = r.split_whitespace();
+                let (n, t0, t1) = (f.next()?, f.next()?, f.next()?);
+                Event::Tick(n.parse().ok()?, t0.parse().ok()?, t1.parse().ok()?)
             }
         });
     }
@@ -195,7 +196,7 @@ mod tests {
             Some(Event::Pass { status: Status::Err(_), .. })
         ));
         assert_eq!(parse("WV w=3 done p=40"), Some(Event::Done { w: 3, last: 40 }));
-        assert_eq!(parse("WT 12 31.57"), Some(Event::Tick(12, 31.57)));
+        assert_eq!(parse("WT 12 31.55 31.57"), Some(Event::Tick(12, 31.55, 31.57)));
         assert_eq!(parse("WT 12"), None);
         assert_eq!(parse("WT done"), Some(Event::TickDone));
         assert_eq!(parse("        echo \"WV w=$w p=$p $st if=$ri/$wi\""), None);
