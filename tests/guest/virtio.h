@@ -146,6 +146,9 @@ int virtq_reap(struct virtq *q);
 /* Takes the next used entry, if any (returns 1): *head is the chain it completed, or -1 when
  * it named no chain in flight (counted in `stray`: e.g. a completion repeated). */
 int virtq_reap_one(struct virtq *q, int *head);
+/* Asks for an interrupt at the next used entry (with EVENT_IDX: used_event = last_used; without,
+ * the device interrupts anyway), then returns whether there are used entries already. */
+int virtq_arm(struct virtq *q);
 /* Sleeps (briefly, bounded) until the device may have used something on q; with EVENT_IDX
  * it first asks for an interrupt at the next used entry (used_event = last_used). */
 void virtq_idle(struct virtq *q);

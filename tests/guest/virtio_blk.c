@@ -542,14 +542,33 @@ static int soak_round(u64 sector, u64 count, u32 pattern, u32 seed, u32 depth, u
             kprintf("ERR blk soak no-descriptors free=%u\n", q.nfree);
             return -1;
         }
-        /* Until the device uses something (the wait, timed), then every completion there is. */
+        /* Until the device uses something (the wait, timed), then every completion there is.
+         * Interrupt-driven, as Linux's driver: once asleep, the used ring is looked at again only
+         * after the queue's vector fired (the timer tick only bounds the wait), so a device, or
+         * a frontend after a backend restart, that leaves an interrupt out stalls the soak. */
         u64 wait_start = rdtsc();
-        while (!virtq_has_used(&q)) {
+        u64 irqs = q.vector ? vector_total(q.vector) : 0;
+        int ready = virtq_arm(&q);
+        while (!ready) {
             if (rdtsc() - last_progress > timeout) {
                 st->lost += inflight;
                 return -1;
             }
-            virtq_idle(&q);
+            if (!q.vector) {
+                pause();
+                ready = virtq_has_used(&q);
+                continue;
+            }
+            cli();
+            if (vector_total(q.vector) == irqs)
+                sti_hlt();
+            else
+                sti();
+            u64 now_irqs = vector_total(q.vector);
+            if (now_irqs != irqs) {
+                irqs = now_irqs;
+                ready = virtq_arm(&q);
+            }
         }
         u64 waited = tsc_us(rdtsc() - wait_start);
         if (waited > st->max_wait_us)

@@ -467,16 +467,21 @@ int virtq_reap(struct virtq *q)
  * kvm_pvm, where PAUSE and the polling exit. Without a vector, one pause. Interrupts are on
  * at return (callers run from the command loop, with interrupts on).
  */
-void virtq_idle(struct virtq *q)
+int virtq_arm(struct virtq *q)
 {
-    cli();
     if (q->event_idx) {
         /* Interrupt at the next used entry (2.7.10): used_event, then a fresh look at the
          * used index (a store then a load: mfence), so an entry used in between is seen. */
         q->avail[2 + q->size] = q->last_used;
         __asm__ volatile("mfence" ::: "memory");
     }
-    if (q->used[1] != q->last_used) {
+    return virtq_has_used(q);
+}
+
+void virtq_idle(struct virtq *q)
+{
+    cli();
+    if (virtq_arm(q)) {
         sti();
         return;
     }
