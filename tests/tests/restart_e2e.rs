@@ -64,8 +64,8 @@ fn sparse_image(path: &Path, size: u64) {
     f.set_len(size).expect("set_len");
 }
 
-/// An image whose blocks are all allocated (zeros written): O_DIRECT writes into holes make the
-/// filesystem allocate, which under the blkio throttle stalled the first round for seconds.
+/// An image whose blocks are all allocated (zeros written), so that blockd's O_DIRECT writes
+/// only write: the time they take is the throttle's, not the filesystem allocating.
 fn written_image(path: &Path, size: u64) {
     std::fs::write(path, vec![0u8; size as usize]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
