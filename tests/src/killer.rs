@@ -154,7 +154,8 @@ fn run(parent: i32, plan: Plan, stop: &AtomicBool, count: &AtomicUsize) -> Repor
                 break p;
             }
             if since.elapsed() > plan.restart_timeout {
-                report.failure = Some(format!("no {} serving {:?} after the last kill", plan.exe, plan.restart_timeout));
+                report.failure =
+                    Some(format!("no {} serving {:?} after the last kill", plan.exe, plan.restart_timeout));
                 return report;
             }
             std::thread::sleep(Duration::from_millis(1));

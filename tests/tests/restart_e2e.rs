@@ -551,7 +551,8 @@ fn blksoak_is_right_on_qemus_own_virtio_blk_pci() {
     for (mode, rounds) in [("eventidx", 3), ("noeventidx", 2)] {
         con.send(&format!("blk {mode}")).expect("send");
         answer(&mut con, "BLK ", REPLY, mode);
-        let soak = blksoak(&mut con, &format!("blksoak 32 0 {REGION} {rounds} 7e570000"), rounds, Duration::from_secs(60));
+        let soak =
+            blksoak(&mut con, &format!("blksoak 32 0 {REGION} {rounds} 7e570000"), rounds, Duration::from_secs(60));
         for l in &soak.rounds {
             eprintln!("restart_e2e: QEMU {mode} {l}");
             assert!(l.ends_with(" ok"), "{mode}: {l}");
