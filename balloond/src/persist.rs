@@ -5,7 +5,6 @@
 //! runtime directory) each time they change, atomically and durably, and a starting balloond
 //! takes them from there.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -43,19 +42,9 @@ pub fn load(path: &Path) -> Result<Option<BalloonConfig>, PersistError> {
 /// Writes the state: a temporary file fsynced and renamed over the old one, then the directory
 /// fsynced, so a reader finds the old state or the new one, never a mix.
 pub fn save(path: &Path, c: BalloonConfig) -> Result<(), PersistError> {
-    let write = |source| PersistError::Write { path: path.into(), source };
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(write)?;
-        f.write_all(json!({"num_pages": c.num_pages, "actual": c.actual}).to_string().as_bytes()).map_err(write)?;
-        f.sync_all().map_err(write)?;
-    }
-    std::fs::rename(&tmp, path).map_err(write)?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write)
+    let text = json!({"num_pages": c.num_pages, "actual": c.actual}).to_string();
+    vhost_backend_kit::state_file::write_atomically(path, text.as_bytes())
+        .map_err(|source| PersistError::Write { path: path.into(), source })
 }
 
 #[cfg(test)]

@@ -50,20 +50,8 @@ impl State {
     /// fsynced before the rename, the directory after it.
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
         let write = |source| StateError::Write { path: path.display().to_string(), source };
-        let tmp = path.with_extension("tmp");
         let text = serde_json::to_string(self).map_err(|e| write(std::io::Error::other(e)))?;
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(write)?;
-            f.write_all(text.as_bytes()).map_err(write)?;
-            f.sync_all().map_err(write)?;
-        }
-        std::fs::rename(&tmp, path).map_err(write)?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write)
+        vhost_backend_kit::state_file::write_atomically(path, text.as_bytes()).map_err(write)
     }
 
     /// Points the drives it records at their recorded images; returns the ids it changed.

@@ -17,6 +17,8 @@
 //! * [`queue`] — the rings of a connection as a backend serves them: pop and complete through
 //!   the region, what is in flight (GET_VRING_BASE waits for it), and a ring stopped with
 //!   SET_VRING_ERR when its driver publishes an available index more than a queue size ahead.
+//! * [`state_file`] — a small state file a restarted daemon reads back, written atomically and
+//!   durably.
 
 pub mod cli;
 pub mod inflight;
@@ -24,5 +26,6 @@ pub mod logging;
 pub mod queue;
 pub mod serve;
 pub mod signals;
+pub mod state_file;
 
 pub use daemon_start;
