@@ -36,11 +36,27 @@ const KILLS: usize = 12;
 /// allocates fresh clusters (metadata changes in flight at every kill) for 256 passes a writer.
 const LOAD: Load = Load { writers: 4, blocks: 4, kib: 64, slots: 1024 };
 
+/// Kills beyond [`KILLS`] while no kill has yet caught a request in blockd's hands.
+const EXTRA_KILLS: usize = 20;
+
+/// Requests blockd found recorded in flight and redid after its restarts (its log).
+fn resubmitted(blockd: &Backend) -> u64 {
+    blockd
+        .log()
+        .lines()
+        .filter(|l| l.contains("ring recovered from the inflight region"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("resubmit=")?.parse::<u64>().ok()))
+        .sum()
+}
+
 /// A kill follows a pass line showing a request in flight (2 at once are rarely seen: on a
-/// fast backend a minute can pass without one); blockd's resubmissions are checked at the end.
+/// fast backend a minute can pass without one). Raw requests spend so little time in blockd that
+/// a dozen kills may all miss them there: then up to [`EXTRA_KILLS`] more, until one did not.
 fn settings() -> Settings {
     Settings {
         kills: KILLS,
+        extra_kills: EXTRA_KILLS,
+        until: Some(|b| resubmitted(b) > 0),
         min_inflight: 1,
         busy_timeout: Duration::from_secs(60),
         progress_timeout: Duration::from_secs(45),
@@ -122,7 +138,7 @@ fn kill_blockd_during_write_and_verify(format: &str) {
         failed.push(format!("the guest's kernel logged: {:#?}", o.dmesg));
     }
     assert!(failed.is_empty(), "{}\n{report}\nblockd's log:\n{}", failed.join("\n"), blockd.log_tail(60));
-    assert_eq!(o.kills.len(), KILLS, "{report}");
+    assert!(o.kills.len() >= KILLS, "{report}");
     q.poweroff();
     // A last SIGKILL instead of a clean stop: what the guest saw acknowledged must be in the file.
     blockd.kill().unwrap_or_else(|e| panic!("{e}"));
@@ -136,14 +152,13 @@ fn kill_blockd_during_write_and_verify(format: &str) {
     }
     assert!(c.mismatches.is_empty(), "the image differs from what the guest wrote: {:#?}\n{report}", c.mismatches);
     // blockd's own view: requests it found recorded in flight and redid after a restart.
-    let log = blockd.log();
-    let resubmitted: u64 = log
-        .lines()
-        .filter(|l| l.contains("ring recovered from the inflight region"))
-        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("resubmit=")?.parse::<u64>().ok()))
-        .sum();
+    let resubmitted = resubmitted(&blockd);
     eprintln!("{format}: blockd started {} times, resubmitted {resubmitted} requests in all", blockd.starts);
-    assert!(resubmitted > 0, "no kill caught a request in flight in blockd (none resubmitted):\n{report}");
+    assert!(
+        resubmitted > 0,
+        "none of {} kills caught a request in flight in blockd (none resubmitted):\n{report}",
+        o.kills.len()
+    );
 }
 
 #[test]

@@ -208,6 +208,8 @@ fn run_backend(o: &Options, kind: Kind, program: &Path, dir: &Path) -> Result<Ba
     let mut q = Qemu::boot(dir, &socket, 2, 2)?;
     let settings = Settings {
         kills: o.kills,
+        extra_kills: 0,
+        until: None,
         // 2 at once are rarely seen on a fast backend (as in the test).
         min_inflight: 1,
         busy_timeout: Duration::from_secs(60),

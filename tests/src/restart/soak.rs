@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub kills: usize,
+    /// Up to this many more kills while `until` says no (e.g. until the backend's log shows a
+    /// kill caught requests in its hands).
+    pub extra_kills: usize,
+    pub until: Option<fn(&Backend) -> bool>,
     /// A kill follows a pass line that shows at least this many requests in flight on the disk.
     pub min_inflight: u32,
     /// Up to this long for a pass line showing requests in flight (the kill's trigger).
@@ -147,8 +151,10 @@ pub fn soak(q: &mut Qemu, backend: &mut Backend, load: Load, s: &Settings) -> Re
         clock: GuestClock { base: Instant::now(), offset: f64::INFINITY },
     };
     warm_up(&mut run)?;
-    for i in 0..s.kills {
-        match kill_once(&mut run, backend, s, i)? {
+    let mut i = 0;
+    while i < s.kills || (i < s.kills + s.extra_kills && s.until.is_some_and(|done| !done(backend))) {
+        i += 1;
+        match kill_once(&mut run, backend, s, i - 1)? {
             Ok(k) => run.out.kills.push(k),
             Err(hang) => {
                 run.out.hang = Some(hang);
