@@ -6,6 +6,8 @@
 //! counts side by side (see bench/README.md, "restart").
 
 mod report;
+mod vmm;
+mod vmm_report;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,6 +21,7 @@ use flotilla_tests::restart::RigError;
 use serde_json::json;
 
 use report::BackendRun;
+use vmm::Mode;
 
 const USAGE: &str = "\
 usage: flotilla-bench restart [options]
@@ -30,10 +33,20 @@ usage: flotilla-bench restart [options]
   read-backs that differ, and image slots on the host that differ from the last pass written),
   and hangs; ratios blockd/qsd.
 
+  With --frontend vmm-core: vmm-core under KVM runs the project's test guest, whose `blkpulse`
+  keeps up to 32 requests in flight and prints a line per completion (stamped on arrival);
+  the backend is SIGKILLed right after a completion line saying requests are in flight, and
+  recovery is SIGKILL -> the first completion after it. Backends: blockd and
+  qemu-storage-daemon standalone (-chardev socket + -device vhost-user-blk-pci), restarted by
+  the bench at once, and blockd under the launcher (-drive if=virtio), restarted by the
+  launcher. Errors, lost or duplicated writes: the guest's checks and the image on the host.
+
 options:
+  --frontend F        qemu (QEMU 7.2 TCG + Linux, the default) or vmm-core
   --kills N           kills per backend (default 100)
-  --only LIST         backends, comma-separated: blockd,qsd (default both)
-  --format F          raw or qcow2 (default raw)
+  --only LIST         backends, comma-separated: blockd,qsd (default both); with
+                      --frontend vmm-core also launcher (default all three)
+  --format F          raw or qcow2 (default raw; vmm-core: raw only)
   --writers N         guest writers in parallel (default 4)
   --progress-s SECS   after a kill, limit for every writer to progress before it counts as a
                       hang (default 45)
@@ -54,6 +67,15 @@ struct Options {
     blockd: Option<PathBuf>,
     qsd: Option<PathBuf>,
     json: bool,
+    frontend: Frontend,
+    /// The backends with --frontend vmm-core.
+    modes: Vec<Mode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frontend {
+    Qemu,
+    VmmCore,
 }
 
 impl Default for Options {
@@ -68,6 +90,8 @@ impl Default for Options {
             blockd: None,
             qsd: None,
             json: false,
+            frontend: Frontend::Qemu,
+            modes: Mode::ALL.to_vec(),
         }
     }
 }
@@ -89,6 +113,7 @@ fn usage(msg: impl std::fmt::Display) -> RestartError {
 fn parse_args(args: &[String]) -> Result<Option<Options>, RestartError> {
     let mut o = Options::default();
     let mut it = args.iter();
+    let mut only: Option<String> = None;
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().cloned().ok_or_else(|| usage(format!("{name} needs a value")));
         match a.as_str() {
@@ -101,22 +126,13 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, RestartError> {
                     .filter(|n| (1..=10_000).contains(n))
                     .ok_or_else(|| usage(format!("--kills: '{v}' is not 1..10000")))?;
             }
-            "--only" => {
-                let v = value(a)?;
-                let mut b = Vec::new();
-                for k in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    let kind = [Kind::Blockd, Kind::Qsd]
-                        .into_iter()
-                        .find(|x| x.key() == k)
-                        .ok_or_else(|| usage(format!("--only: unknown backend '{k}' (blockd, qsd)")))?;
-                    if !b.contains(&kind) {
-                        b.push(kind);
-                    }
+            "--only" => only = Some(value(a)?),
+            "--frontend" => {
+                o.frontend = match value(a)?.as_str() {
+                    "qemu" => Frontend::Qemu,
+                    "vmm-core" => Frontend::VmmCore,
+                    v => return Err(usage(format!("--frontend: '{v}' is neither qemu nor vmm-core"))),
                 }
-                if b.is_empty() {
-                    return Err(usage("--only: no backend named"));
-                }
-                o.backends = b;
             }
             "--format" => {
                 let v = value(a)?;
@@ -149,7 +165,36 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, RestartError> {
             other => return Err(usage(format!("unknown argument '{other}'"))),
         }
     }
+    if let Some(v) = only {
+        match o.frontend {
+            Frontend::Qemu => o.backends = pick(&v, &[Kind::Blockd, Kind::Qsd], Kind::key)?,
+            Frontend::VmmCore => o.modes = pick(&v, &Mode::ALL, Mode::key)?,
+        }
+    }
+    if o.frontend == Frontend::VmmCore && o.format != "raw" {
+        return Err(usage("--frontend vmm-core: raw images only"));
+    }
     Ok(Some(o))
+}
+
+/// The `--only` list, each name once, in the order given.
+fn pick<T: Copy + PartialEq>(v: &str, all: &[T], key: fn(T) -> &'static str) -> Result<Vec<T>, RestartError> {
+    let mut b = Vec::new();
+    for k in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let names: Vec<&str> = all.iter().map(|&x| key(x)).collect();
+        let x = all
+            .iter()
+            .copied()
+            .find(|&x| key(x) == k)
+            .ok_or_else(|| usage(format!("--only: unknown backend '{k}' ({})", names.join(", "))))?;
+        if !b.contains(&x) {
+            b.push(x);
+        }
+    }
+    if b.is_empty() {
+        return Err(usage("--only: no backend named"));
+    }
+    Ok(b)
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -203,6 +248,7 @@ fn run_backend(o: &Options, kind: Kind, program: &Path, dir: &Path) -> Result<Ba
         socket: socket.clone(),
         log: dir.join(format!("{}.log", kind.key())),
         num_queues: 2,
+        cache: None,
     };
     let mut backend = Backend::start(spec)?;
     let mut q = Qemu::boot(dir, &socket, 2, 2)?;
@@ -230,6 +276,9 @@ fn run_backend(o: &Options, kind: Kind, program: &Path, dir: &Path) -> Result<Ba
 }
 
 fn run(o: &Options) -> Result<(serde_json::Value, String, bool), RestartError> {
+    if o.frontend == Frontend::VmmCore {
+        return run_vmm(o);
+    }
     let programs: Vec<(Kind, PathBuf)> =
         o.backends.iter().map(|&k| program(o, k).map(|p| (k, p))).collect::<Result<_, _>>()?;
     let dir = o.dir.join(format!("flotilla-bench-restart-{}", std::process::id()));
@@ -268,6 +317,52 @@ fn run(o: &Options) -> Result<(serde_json::Value, String, bool), RestartError> {
     Ok((json, table, failed))
 }
 
+/// The vmm-core frontend: each mode in turn on its own VM (see [`vmm`]).
+fn run_vmm(o: &Options) -> Result<(serde_json::Value, String, bool), RestartError> {
+    let bins = vmm::bin_dir().map_err(|e| RestartError::Setup(e.to_string()))?;
+    let programs: Vec<(Mode, Option<PathBuf>)> = o
+        .modes
+        .iter()
+        .map(|&m| vmm::needs(m).map(|k| program(o, k)).transpose().map(|p| (m, p)))
+        .collect::<Result<_, _>>()?;
+    let dir = o.dir.join(format!("flotilla-bench-restart-vmm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|source| RestartError::Io { what: format!("creating {}", dir.display()), source })?;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0x5eed, |d| d.as_nanos() as u64);
+    let mut runs = Vec::new();
+    let mut failures = Vec::new();
+    for (mode, program) in &programs {
+        eprintln!("flotilla-bench restart: vmm-core, {} with {} kills ...", mode.key(), o.kills);
+        let setup = vmm::Setup { kills: o.kills, dir: &dir, program: program.as_deref(), seed };
+        match vmm::run_mode(*mode, &setup) {
+            Ok(r) => {
+                eprintln!("flotilla-bench restart: {}", vmm_report::line(&r));
+                runs.push(r);
+            }
+            Err(e) => failures.push(format!("{}: {e}", mode.key())),
+        }
+    }
+    let mut json = vmm_report::to_json(&runs);
+    json["command"] = json!(std::env::args().collect::<Vec<_>>());
+    json["settings"] = json!({
+        "kills": o.kills,
+        "frontend": "vmm-core (KVM), the test guest's blkpulse: depth 32, 4 MiB range, 4 KiB and 256 KiB requests, write then read back",
+        "kill_delay_ms": "20-200 after the previous recovery, then at the next completion line with requests in flight",
+        "seed": seed,
+        "bin_dir": bins.display().to_string(),
+        "programs": programs.iter().filter_map(|(m, p)| p.as_ref().map(|p| (m.key().to_string(), json!(p.display().to_string())))).collect::<serde_json::Map<_, _>>(),
+    });
+    json["failures"] = json!(failures);
+    let table = vmm_report::table(&runs, &failures);
+    let failed = !failures.is_empty();
+    if failed {
+        eprintln!("flotilla-bench restart: logs are in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok((json, table, failed))
+}
+
 /// The `restart` subcommand; `args` are those after `restart`.
 pub fn main(args: &[String]) -> ExitCode {
     crate::part::main("restart", "backends", USAGE, parse_args(args), |o| o.json, run)
@@ -290,5 +385,11 @@ mod tests {
         assert!(parse_args(&args(&["--format", "vmdk"])).is_err());
         assert!(parse_args(&args(&["--only", "nbd"])).is_err());
         assert!(parse_args(&args(&["--help"])).unwrap().is_none());
+        let v = parse_args(&args(&["--only", "launcher,qsd", "--frontend", "vmm-core", "--kills", "5"])).unwrap().unwrap();
+        assert_eq!((v.frontend, v.modes.clone(), v.kills), (Frontend::VmmCore, vec![Mode::Launcher, Mode::Qsd], 5));
+        assert_eq!(o.frontend, Frontend::Qemu);
+        assert!(parse_args(&args(&["--frontend", "vmm-core", "--format", "qcow2"])).is_err());
+        assert!(parse_args(&args(&["--only", "launcher"])).is_err());
+        assert!(parse_args(&args(&["--frontend", "xen"])).is_err());
     }
 }

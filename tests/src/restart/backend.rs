@@ -38,6 +38,9 @@ pub struct Spec {
     pub log: PathBuf,
     /// Queues the backend exports (qemu-storage-daemon; blockd offers its own number).
     pub num_queues: u32,
+    /// blockd's `cache=` (None: its default, writeback); `none` makes its I/O O_DIRECT, which a
+    /// blkio throttle can slow down.
+    pub cache: Option<String>,
 }
 
 impl Spec {
@@ -48,7 +51,12 @@ impl Spec {
                 cmd.arg("--socket-path")
                     .arg(&self.socket)
                     .arg("--drive")
-                    .arg(format!("file={},format={}", self.image.display(), self.format))
+                    .arg(format!(
+                        "file={},format={}{}",
+                        self.image.display(),
+                        self.format,
+                        self.cache.as_ref().map(|c| format!(",cache={c}")).unwrap_or_default()
+                    ))
                     .env("BLOCKD_LOG", "info");
             }
             Kind::Qsd => {
