@@ -404,6 +404,13 @@ struct soak_stats {
 };
 
 static struct soak_req soak[SOAK_MAX];
+/* `blkpulse`: one `C <completed> <in flight>` line per look at the used ring that found
+ * completions (`E ...` when one had a non-zero status), so the host can time when I/O flows
+ * again after a backend restart. One line per look, not per request: printing a line per
+ * request makes the guest fall behind the ring by many lines, and a completion the killed
+ * backend made would then reach the host long after the kill. */
+static int soak_pulse;
+static u64 soak_seen_tsc;   /* when the wait for the device ended: the completions were seen */
 
 static u8 *soak_buf(u32 i) { return __soak_start + (u64)i * SOAK_BIG * 512; }
 
@@ -457,6 +464,7 @@ static int soak_submit(struct soak_req *r, u8 *data, int writing, u64 *seq)
 static u32 soak_reap(u32 depth, u32 pattern, u64 *seq, struct soak_stats *st, u32 *inflight)
 {
     u32 got = 0;
+    u8 batch_status = 0;
     int head;
     while (virtq_reap_one(&q, &head)) {
         if (head < 0) {
@@ -485,6 +493,8 @@ static u32 soak_reap(u32 depth, u32 pattern, u64 *seq, struct soak_stats *st, u3
         st->done++;
         got++;
         (*inflight)--;
+        if (status && !batch_status)
+            batch_status = status;
         if (status && !st->status)
             st->status = status;
         if (r->state == SOAK_WRITING && !status) {
@@ -500,6 +510,13 @@ static u32 soak_reap(u32 depth, u32 pattern, u64 *seq, struct soak_stats *st, u3
             st->mismatch += count_bad_sectors(soak_buf(slot), r->sector, r->count, pattern);
         }
         r->state = SOAK_FREE;
+    }
+    if (soak_pulse && got) {
+        u64 after_us = tsc_us(rdtsc() - soak_seen_tsc);
+        if (batch_status)
+            kprintf("E %u %u %lu status=%u\n", got, *inflight, after_us, batch_status);
+        else
+            kprintf("C %u %u %lu\n", got, *inflight, after_us);
     }
     return got;
 }
@@ -570,7 +587,8 @@ static int soak_round(u64 sector, u64 count, u32 pattern, u32 seed, u32 depth, u
                 ready = virtq_arm(&q);
             }
         }
-        u64 waited = tsc_us(rdtsc() - wait_start);
+        soak_seen_tsc = rdtsc();
+        u64 waited = tsc_us(soak_seen_tsc - wait_start);
         if (waited > st->max_wait_us)
             st->max_wait_us = waited;
         if (waited >= SOAK_STALL_US)
@@ -581,7 +599,7 @@ static int soak_round(u64 sector, u64 count, u32 pattern, u32 seed, u32 depth, u
     return 0;
 }
 
-static void cmd_soak(int argc, char **argv, const char *orig)
+static void cmd_soak(int pulse, int argc, char **argv, const char *orig)
 {
     u64 depth, sector, count, rounds, pattern = 0x50a40000;
     if ((argc != 5 && argc != 6) || parse_u64(argv[1], 10, &depth) || depth == 0 || depth > SOAK_MAX ||
@@ -606,6 +624,7 @@ static void cmd_soak(int argc, char **argv, const char *orig)
         depth = q.size / per;
     u64 stray0 = q.stray;
     u64 total_bad = 0;
+    soak_pulse = pulse;
     for (u64 r = 0; r < rounds; r++) {
         struct soak_stats st = {0};
         u64 kicks0 = q.kicks, skipped0 = q.kicks_skipped;
@@ -622,9 +641,11 @@ static void cmd_soak(int argc, char **argv, const char *orig)
         if (failed) {
             if (st.lost)
                 kprintf("ERR timeout blk soak round=%lu inflight=%lu\n", r, st.lost);
+            soak_pulse = 0;
             return;
         }
     }
+    soak_pulse = 0;
     kprintf("BLKSOAKED rounds=%lu bad=%lu pattern=0x%08x\n", rounds, total_bad, (u32)(pattern + rounds - 1));
 }
 
@@ -728,7 +749,7 @@ int blk_command(int argc, char **argv, const char *orig)
         return 0;
     static const char *known[] = {"blk",        "blkwrite",  "blkcheck", "blkread", "blkflush", "blkid",
                                   "blkdiscard", "blkzeroes", "blkqd",    "blkcap",  "blkbad",   "blksoak",
-                                  "blkstat"};
+                                  "blkstat",    "blkpulse"};
     int k = -1;
     for (u32 i = 0; i < ARRAY_SIZE(known); i++)
         if (!strcmp(c, known[i]))
@@ -788,7 +809,8 @@ int blk_command(int argc, char **argv, const char *orig)
         cmd_bad(argc, argv, orig);
         break;
     case 11:
-        cmd_soak(argc, argv, orig);
+    case 13:
+        cmd_soak(k == 13, argc, argv, orig);
         break;
     case 12:
         cmd_stat();

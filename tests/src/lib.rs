@@ -12,5 +12,6 @@ pub mod process;
 pub mod pyqmp;
 pub mod qmp;
 pub mod restart;
+pub mod stamped;
 pub mod tmpfs;
 pub mod vhost_frontend;
