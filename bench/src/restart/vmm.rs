@@ -97,8 +97,9 @@ pub struct ModeRun {
     pub error_count: usize,
     /// Image sectors on the host not holding the last round's pattern (None: not checked).
     pub image_bad_sectors: Option<u64>,
-    /// blockd's "ring recovered from the inflight region" lines (None for qsd: it says nothing).
-    pub inflight_recoveries: Option<usize>,
+    /// blockd's "ring recovered from the inflight region" lines: (restarts that resubmitted
+    /// at least one request, requests resubmitted in all). None for qsd: it says nothing.
+    pub inflight_recoveries: Option<(usize, u64)>,
     pub hang: Option<String>,
     /// Gaps between consecutive completion lines with no kill between them (ms): the pace of
     /// completions undisturbed, the resolution of the recovery figure.
@@ -199,8 +200,7 @@ pub fn run_mode(mode: Mode, setup: &Setup) -> Result<ModeRun, VmmError> {
         }
         Target::Launcher => vm_log,
     };
-    run.inflight_recoveries =
-        (mode != Mode::Qsd).then(|| backend_log.matches("ring recovered from the inflight region").count());
+    run.inflight_recoveries = (mode != Mode::Qsd).then(|| resubmitted(&backend_log));
     if run.hang.is_none() {
         if let Some(pattern) = run.last_pattern {
             run.image_bad_sectors = Some(bad_sectors(&image, pattern)?);
@@ -208,6 +208,16 @@ pub fn run_mode(mode: Mode, setup: &Setup) -> Result<ModeRun, VmmError> {
     }
     let _ = std::fs::remove_file(&image);
     Ok(run)
+}
+
+/// From blockd's log: restarts that resubmitted requests, and how many in all.
+fn resubmitted(log: &str) -> (usize, u64) {
+    let counts: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("ring recovered from the inflight region"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("resubmit=")?.parse().ok()))
+        .collect();
+    (counts.iter().filter(|&&n| n > 0).count(), counts.iter().sum())
 }
 
 /// Sectors of the soaked range that do not hold `pattern ^ sector` in every word.

@@ -55,7 +55,8 @@ pub fn to_json(runs: &[ModeRun]) -> Value {
                 // Bench-restarted: the new backend listening; launcher: its new blockd existing.
                 "kill_to_new_backend_ms": summary(&r.back()),
                 "in_flight_at_kill": r.kills.iter().map(|k| k.inflight).collect::<Vec<_>>(),
-                "inflight_recoveries_logged": r.inflight_recoveries,
+                "restarts_that_resubmitted": r.inflight_recoveries.map(|(n, _)| n),
+                "requests_resubmitted": r.inflight_recoveries.map(|(_, n)| n),
                 "completions": c.completions,
                 "completion_line_gap_ms": summarize(&r.gaps_ms).map(|s| json!({"median": round(s.median, 2), "p90": round(s.p90, 2), "max": round(s.max, 2), "n": s.n})),
                 "rounds": c.rounds,
