@@ -19,6 +19,37 @@ pub enum ConsoleError {
     Write(std::io::Error),
 }
 
+/// Connects to a `-serial unix:PATH,server` socket, retrying until `timeout`, and splits what
+/// the guest writes into lines on a reader thread; each line goes through `make` with the
+/// instant its newline arrived. Returns the lines and the socket to write commands to.
+pub fn connect_lines<T: Send + 'static>(
+    path: &Path,
+    timeout: Duration,
+    make: fn(Instant, String) -> T,
+) -> Result<(Receiver<T>, UnixStream), ConsoleError> {
+    let deadline = Instant::now() + timeout;
+    let stream = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => return Err(ConsoleError::Connect(path.display().to_string(), e)),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let reader = stream.try_clone().map_err(|e| ConsoleError::Connect(path.display().to_string(), e))?;
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).split(b'\n') {
+            let at = Instant::now();
+            let Ok(line) = line else { return };
+            let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+            if tx.send(make(at, text)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok((rx, stream))
+}
+
 pub struct Console {
     lines: Receiver<String>,
     writer: UnixStream,
@@ -29,28 +60,8 @@ pub struct Console {
 impl Console {
     /// Connects to a `-serial unix:PATH,server,nowait` socket, retrying until `timeout`.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Console, ConsoleError> {
-        let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(ConsoleError::Connect(path.display().to_string(), e))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        let reader = stream.try_clone().map_err(|e| ConsoleError::Connect(path.display().to_string(), e))?;
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(reader).split(b'\n') {
-                let Ok(line) = line else { return };
-                let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
-                if tx.send(text).is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Console { lines: rx, writer: stream, history: Vec::new() })
+        let (lines, writer) = connect_lines(path, timeout, |_, text| text)?;
+        Ok(Console { lines, writer, history: Vec::new() })
     }
 
     fn tail(&self) -> String {

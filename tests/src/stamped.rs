@@ -3,13 +3,13 @@
 //! stamp): for timing guest events from the host, as `flotilla-bench restart --frontend
 //! vmm-core` times the guest's `blkpulse` completion lines.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use crate::console::ConsoleError;
+use crate::console::{connect_lines, ConsoleError};
 
 /// One line of guest output and when its newline reached the host.
 #[derive(Debug, Clone)]
@@ -33,29 +33,8 @@ pub enum NoLine {
 impl StampedConsole {
     /// Connects to a `-serial unix:PATH,server` socket, retrying until `timeout`.
     pub fn connect(path: &Path, timeout: Duration) -> Result<StampedConsole, ConsoleError> {
-        let deadline = Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(ConsoleError::Connect(path.display().to_string(), e))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        let reader = stream.try_clone().map_err(|e| ConsoleError::Connect(path.display().to_string(), e))?;
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(reader).split(b'\n') {
-                let at = Instant::now();
-                let Ok(line) = line else { return };
-                let text = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
-                if tx.send(Line { at, text }).is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(StampedConsole { lines: rx, writer: stream })
+        let (lines, writer) = connect_lines(path, timeout, |at, text| Line { at, text })?;
+        Ok(StampedConsole { lines, writer })
     }
 
     /// The next line, waiting up to `timeout`.
