@@ -3,12 +3,45 @@
 //! virtqueues laid out in guest RAM ([`vmm_core::Vm::guest_memory`]). Also a tiny vhost-user
 //! backend that sends CONFIG_CHANGE_MSG on demand.
 
+use crate::machine::{guest_config, TempDir};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vm_config::{MachineConfig, VhostUserDevice, VirtioKind};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_core::Vm;
 
 pub const ECAM: u64 = 0xe000_0000;
+
+/// The test guest's machine (1 vCPU, 128 MiB), paused, with one vhost-user function of `kind`
+/// (one queue of 128 entries) on `socket`, in PCI slot `slot`.
+pub fn machine_with_vhost_user(dir: &TempDir, socket: &Path, kind: VirtioKind, slot: u8) -> Vm {
+    let cfg = MachineConfig {
+        serial: None,
+        start_paused: true,
+        vhost_user_devices: vec![VhostUserDevice {
+            id: "vblk0".into(),
+            kind,
+            socket: socket.to_path_buf(),
+            num_queues: 1,
+            queue_size: 128,
+            pci_slot: Some(slot),
+        }],
+        ..guest_config(dir, 1, 128)
+    };
+    Vm::new(cfg).unwrap_or_else(|e| panic!("building the machine: {e}"))
+}
+
+/// An enabled driver's device brought up as the tests use it: VERSION_1 only, queue 0 (128
+/// entries at `rings`) on vector 0, config vector 1, DRIVER_OK.
+pub fn start_queue0(d: &Driver, rings: u64) -> Queue {
+    let st = d.negotiate(VERSION_1);
+    assert_ne!(st & FEATURES_OK, 0, "FEATURES_OK refused ({st:#x})");
+    let q = d.setup_queue(0, 128, rings, 0);
+    d.common_write(common::MSIX, 1, 2);
+    d.driver_ok();
+    q
+}
 
 /// Device status bits, feature bits and COMMON_CFG offsets: vmm-core's own definitions.
 pub use vmm_core::virtio_pci::common::off as common;

@@ -6,16 +6,16 @@
 //! (vmm-core's vhost-user frontend under KVM, the test playing the guest driver) is clean for
 //! `qemu-img check` and reads back, through `qemu-io`, what was written.
 
-use flotilla_tests::machine::{guest_config, TempDir};
+use flotilla_tests::machine::TempDir;
 use flotilla_tests::process::{binaries, signal, wait_timeout, Reaper};
-use flotilla_tests::vhost_frontend::{blk_request, common, Driver, Queue, FEATURES_OK, VERSION_1, VIRTIO_BLK_T_OUT};
+use flotilla_tests::vhost_frontend::{blk_request, machine_with_vhost_user, start_queue0, Driver, Queue, VIRTIO_BLK_T_OUT};
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use vm_config::{MachineConfig, VhostUserDevice, VirtioKind};
+use vm_config::VirtioKind;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_core::Vm;
 
@@ -129,31 +129,10 @@ impl Daemon {
     }
 }
 
-fn machine(dir: &TempDir, socket: &Path) -> Vm {
-    let cfg = MachineConfig {
-        serial: None,
-        start_paused: true,
-        vhost_user_devices: vec![VhostUserDevice {
-            id: "vblk0".into(),
-            kind: VirtioKind::Block,
-            socket: socket.to_path_buf(),
-            num_queues: 1,
-            queue_size: 128,
-            pci_slot: Some(SLOT),
-        }],
-        ..guest_config(dir, 1, 128)
-    };
-    Vm::new(cfg).unwrap_or_else(|e| panic!("building the machine: {e}"))
-}
-
 fn bring_up(vm: &Vm) -> (Driver, Queue) {
     let d = Driver::probe(vm, SLOT);
     d.enable();
-    let st = d.negotiate(VERSION_1);
-    assert_ne!(st & FEATURES_OK, 0, "FEATURES_OK refused ({st:#x})");
-    let q = d.setup_queue(0, 128, RINGS, 0);
-    d.common_write(common::MSIX, 1, 2);
-    d.driver_ok();
+    let q = start_queue0(&d, RINGS);
     (d, q)
 }
 
@@ -179,7 +158,7 @@ fn blockd_exits_cleanly(output: Output) {
         format!("file={},format=qcow2", img.display()),
     ];
     let mut blockd = Daemon::start(&dir, &binaries().blockd, &args);
-    let vm = machine(&dir, &sock);
+    let vm = machine_with_vhost_user(&dir, &sock, VirtioKind::Block, SLOT);
     let (_d, mut q) = bring_up(&vm);
     let statuses: Vec<u64> = (0..WRITES)
         .map(|i| {

@@ -8,7 +8,7 @@
 use flotilla_tests::machine::{guest_config, TempDir};
 use flotilla_tests::process::{binaries, signal, spawn_ready, wait_timeout, Collector, Reaper};
 use flotilla_tests::vhost_frontend::{
-    blk_request, common, config_backend, wait_until, Driver, Queue, FEATURES_OK, VERSION_1, VIRTIO_BLK_T_IN,
+    blk_request, common, config_backend, wait_until, machine_with_vhost_user, start_queue0, Driver, Queue, VERSION_1, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 };
 use std::os::unix::fs::FileExt;
@@ -68,20 +68,7 @@ fn image(dir: &TempDir) -> PathBuf {
 
 /// The test guest's machine, paused, with one vhost-user function in `SLOT`.
 fn machine(dir: &TempDir, socket: &Path, kind: VirtioKind) -> Vm {
-    let cfg = MachineConfig {
-        serial: None,
-        start_paused: true,
-        vhost_user_devices: vec![VhostUserDevice {
-            id: "vblk0".into(),
-            kind,
-            socket: socket.to_path_buf(),
-            num_queues: 1,
-            queue_size: 128,
-            pci_slot: Some(SLOT),
-        }],
-        ..guest_config(dir, 1, 128)
-    };
-    Vm::new(cfg).unwrap_or_else(|e| panic!("building the machine: {e}"))
+    machine_with_vhost_user(dir, socket, kind, SLOT)
 }
 
 /// Probe, enable, negotiate VERSION_1 only, queue 0 on vector 0 (masked), config vector 1,
@@ -92,11 +79,7 @@ fn bring_up(vm: &Vm) -> (Driver, Queue) {
     let offered = d.device_features();
     assert_ne!(offered & VERSION_1, 0, "{offered:#x}");
     assert_eq!(offered & (1 << 30), 0, "the vhost-user protocol bit is hidden");
-    let st = d.negotiate(VERSION_1);
-    assert_ne!(st & FEATURES_OK, 0, "FEATURES_OK refused ({st:#x})");
-    let q = d.setup_queue(0, 128, RINGS, 0);
-    d.common_write(common::MSIX, 1, 2);
-    d.driver_ok();
+    let q = start_queue0(&d, RINGS);
     (d, q)
 }
 
