@@ -7,6 +7,7 @@ pub mod bus;
 pub mod console;
 pub mod guest;
 pub mod killer;
+pub mod linux_kit;
 pub mod machine;
 pub mod process;
 pub mod pyqmp;

@@ -9,6 +9,7 @@
 
 use flotilla_tests::bus::Bus;
 use flotilla_tests::console::Console;
+use flotilla_tests::linux_kit::{self, Kit};
 use flotilla_tests::machine::TempDir;
 use flotilla_tests::process::{signal, spawn_ready, wait_timeout, Collector, Reaper};
 use flotilla_tests::tmpfs::Tmpfs;
@@ -19,7 +20,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -27,39 +27,9 @@ const REPLY: Duration = Duration::from_secs(20);
 const MIB: u64 = 1 << 20;
 const LEN: usize = 64 * 1024;
 
-struct Kit {
-    kernel: PathBuf,
-    initrd: PathBuf,
-}
-
 /// The Linux guest kit (cached after the first build).
-fn kit() -> &'static Kit {
-    static KIT: OnceLock<Kit> = OnceLock::new();
-    KIT.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kit/build-linux-kit.sh");
-        let mut child = Command::new("bash")
-            .arg(&script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        let mut out = Collector::new(child.stdout.take().expect("stdout"));
-        let mut err = Collector::new(child.stderr.take().expect("stderr"));
-        let Some(status) = wait_timeout(&mut child, Duration::from_secs(600)) else {
-            // SAFETY: kill(2) on the process group created above.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-            panic!("{} timed out:\n{}", script.display(), err.take());
-        };
-        let (out, err) = (out.take(), err.take());
-        assert!(status.success(), "{} failed:\n{err}", script.display());
-        let get = |key: &str| -> PathBuf {
-            out.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in:\n{out}")).into()
-        };
-        Kit { kernel: get("KERNEL="), initrd: get("INITRD=") }
-    })
+fn kit() -> Kit {
+    linux_kit::kit().unwrap_or_else(|e| panic!("building the Linux guest kit: {e}"))
 }
 
 /// The blockd executable (built with the others by `process::binaries`).

@@ -3,7 +3,6 @@
 //! the Linux guest kit, blockd or qemu-storage-daemon as the backend. Shared by the
 //! `blockd_qemu_restart` test (which asserts) and `flotilla-bench restart` (which measures).
 //!
-//! - [`kit`]: the Linux guest kit (built once, cached).
 //! - [`backend`]: the backend process, killed and restarted on one socket path.
 //! - [`qemu`]: QEMU with the kit and a vhost-user-blk-pci on that socket; a timestamped console.
 //! - [`workload`]: the guest's write-and-verify script, its output lines, and the bytes the
@@ -13,7 +12,6 @@
 
 pub mod backend;
 pub mod error;
-pub mod kit;
 pub mod qemu;
 pub mod soak;
 pub mod workload;

@@ -3,7 +3,7 @@
 //! is reconnected to 1 s after the old one vanished). The serial console is read on a thread
 //! that stamps each line with its arrival time, which is what the restart timings are made of.
 
-use super::kit::kit;
+use crate::linux_kit::kit;
 use super::RigError;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -31,7 +31,7 @@ pub struct Qemu {
 impl Qemu {
     /// Boots and returns once the guest's shell answers. `smp` vCPUs, `num_queues` queues.
     pub fn boot(dir: &Path, socket: &Path, smp: u32, num_queues: u32) -> Result<Qemu, RigError> {
-        let kit = kit()?;
+        let kit = kit().map_err(|detail| RigError::Process { what: "building the Linux guest kit".into(), detail })?;
         let serial = dir.join("serial.sock");
         let _ = std::fs::remove_file(&serial);
         let mut cmd = Command::new("qemu-system-x86_64");

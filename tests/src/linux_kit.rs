@@ -1,7 +1,7 @@
 //! The Linux guest kit (`tests/kit/build-linux-kit.sh`: Debian's kernel, a busybox initramfs),
-//! built on first use and cached by the script; this module runs it once per process.
+//! built on first use and cached by the script; this module runs it once per process. Used by
+//! the tests and the bench that boot Linux under QEMU with one of our daemons as its backend.
 
-use super::RigError;
 use crate::process::{wait_timeout, Collector};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,11 +17,9 @@ pub struct Kit {
 
 /// The kit's kernel and initramfs; the build script runs at most once per process (its first
 /// run downloads two Debian packages, hence the long bound).
-pub fn kit() -> Result<Kit, RigError> {
+pub fn kit() -> Result<Kit, String> {
     static KIT: OnceLock<Result<Kit, String>> = OnceLock::new();
-    KIT.get_or_init(build)
-        .clone()
-        .map_err(|detail| RigError::Process { what: "building the Linux guest kit".into(), detail })
+    KIT.get_or_init(build).clone()
 }
 
 fn build() -> Result<Kit, String> {
