@@ -281,9 +281,7 @@ fn run(o: &Options) -> Result<(serde_json::Value, String, bool), RestartError> {
     }
     let programs: Vec<(Kind, PathBuf)> =
         o.backends.iter().map(|&k| program(o, k).map(|p| (k, p))).collect::<Result<_, _>>()?;
-    let dir = o.dir.join(format!("flotilla-bench-restart-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)
-        .map_err(|source| RestartError::Io { what: format!("creating {}", dir.display()), source })?;
+    let dir = scratch_dir(o, "restart")?;
     let mut runs = Vec::new();
     let mut failures = Vec::new();
     for (kind, program) in &programs {
@@ -306,15 +304,8 @@ fn run(o: &Options) -> Result<(serde_json::Value, String, bool), RestartError> {
         "frontend": "qemu-system-x86_64 -accel tcg, vhost-user-blk-pci num-queues=2, -smp 2, chardev reconnect=1",
         "programs": programs.iter().map(|(k, p)| (k.key().to_string(), json!(p.display().to_string()))).collect::<serde_json::Map<_, _>>(),
     });
-    json["failures"] = json!(failures);
     let table = report::table(&runs, &failures);
-    let failed = !failures.is_empty();
-    if failed {
-        eprintln!("flotilla-bench restart: logs are in {}", dir.display());
-    } else {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    Ok((json, table, failed))
+    Ok(finish(json, table, failures, &dir))
 }
 
 /// The vmm-core frontend: each mode in turn on its own VM (see [`vmm`]).
@@ -325,9 +316,7 @@ fn run_vmm(o: &Options) -> Result<(serde_json::Value, String, bool), RestartErro
         .iter()
         .map(|&m| vmm::needs(m).map(|k| program(o, k)).transpose().map(|p| (m, p)))
         .collect::<Result<_, _>>()?;
-    let dir = o.dir.join(format!("flotilla-bench-restart-vmm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)
-        .map_err(|source| RestartError::Io { what: format!("creating {}", dir.display()), source })?;
+    let dir = scratch_dir(o, "restart-vmm")?;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0x5eed, |d| d.as_nanos() as u64);
     let mut runs = Vec::new();
     let mut failures = Vec::new();
@@ -352,15 +341,34 @@ fn run_vmm(o: &Options) -> Result<(serde_json::Value, String, bool), RestartErro
         "bin_dir": bins.display().to_string(),
         "programs": programs.iter().filter_map(|(m, p)| p.as_ref().map(|p| (m.key().to_string(), json!(p.display().to_string())))).collect::<serde_json::Map<_, _>>(),
     });
-    json["failures"] = json!(failures);
     let table = vmm_report::table(&runs, &failures);
+    Ok(finish(json, table, failures, &dir))
+}
+
+/// The scratch directory of one run (images, logs): `DIR/flotilla-bench-<tag>-<pid>`.
+fn scratch_dir(o: &Options, tag: &str) -> Result<PathBuf, RestartError> {
+    let dir = o.dir.join(format!("flotilla-bench-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|source| RestartError::Io { what: format!("creating {}", dir.display()), source })?;
+    Ok(dir)
+}
+
+/// The report with its failures; the scratch directory kept (and named) when something failed,
+/// removed otherwise.
+fn finish(
+    mut json: serde_json::Value,
+    table: String,
+    failures: Vec<String>,
+    dir: &Path,
+) -> (serde_json::Value, String, bool) {
     let failed = !failures.is_empty();
+    json["failures"] = json!(failures);
     if failed {
         eprintln!("flotilla-bench restart: logs are in {}", dir.display());
     } else {
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
-    Ok((json, table, failed))
+    (json, table, failed)
 }
 
 /// The `restart` subcommand; `args` are those after `restart`.
