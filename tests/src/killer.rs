@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::process::{alive, children, signal, wait_gone};
+use crate::process::{alive, daemon_child, signal, wait_gone};
 
 /// The name vmm-core gives its guest-RAM memfd (vmm-core/src/memory.rs).
 const GUEST_RAM_MEMFD: &str = "memfd:flotilla-guest-ram";
@@ -66,17 +66,6 @@ pub struct Killer {
     stop: Arc<AtomicBool>,
     kills: Arc<AtomicUsize>,
     handle: Option<JoinHandle<Report>>,
-}
-
-/// The daemon child of `parent` whose executable name starts with `exe`, other than `not`.
-pub fn daemon_child(parent: i32, exe: &str, not: Option<i32>) -> Option<i32> {
-    children(parent).into_iter().find(|&c| {
-        Some(c) != not
-            && std::fs::read_link(format!("/proc/{c}/exe"))
-                .ok()
-                .and_then(|e| e.file_name().map(|n| n.to_string_lossy().starts_with(exe)))
-                .unwrap_or(false)
-    })
 }
 
 /// Whether `pid` has guest RAM mapped: its frontend connected and sent SET_MEM_TABLE.

@@ -182,6 +182,30 @@ pub fn children(pid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// The child of `parent` whose executable's file name starts with `exe`, other than `not` (a
+/// daemon the launcher runs, e.g. the one it started after `not` died).
+pub fn daemon_child(parent: i32, exe: &str, not: Option<i32>) -> Option<i32> {
+    children(parent).into_iter().find(|&c| {
+        Some(c) != not
+            && std::fs::read_link(format!("/proc/{c}/exe"))
+                .ok()
+                .and_then(|e| e.file_name().map(|n| n.to_string_lossy().starts_with(exe)))
+                .unwrap_or(false)
+    })
+}
+
+/// [`daemon_child`], waiting up to `timeout` for one to exist.
+pub fn wait_daemon_child(parent: i32, exe: &str, not: Option<i32>, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found = daemon_child(parent, exe, not);
+        if found.is_some() || Instant::now() >= deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The command line of `pid`, arguments joined by spaces.
 pub fn cmdline(pid: i32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;

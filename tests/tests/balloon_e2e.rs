@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use flotilla_tests::console::{field, Console};
-use flotilla_tests::process::{children, wait_gone};
+use flotilla_tests::process::{wait_daemon_child, wait_gone};
 use flotilla_tests::qmp::{class, QmpVm, RawQmp, VmOptions, BOOT, REPLY};
 use serde_json::{json, Value};
 
@@ -48,19 +48,7 @@ fn pages(line: &str, key: &str) -> u64 {
 }
 
 fn daemon_pid(vm: &QmpVm, name: &str, timeout: Duration) -> Option<i32> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let found = children(vm.pid()).into_iter().find(|&c| {
-            std::fs::read_link(format!("/proc/{c}/exe"))
-                .ok()
-                .and_then(|e| e.file_name().map(|n| n.to_string_lossy().starts_with(name)))
-                .unwrap_or(false)
-        });
-        if found.is_some() || Instant::now() >= deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_daemon_child(vm.pid(), name, None, timeout)
 }
 
 /// Waits for `BALLOONED actual=<want>` from the guest.

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use flotilla_tests::console::{field, Console};
-use flotilla_tests::process::{children, wait_gone};
+use flotilla_tests::process::{wait_daemon_child, wait_gone};
 use flotilla_tests::qmp::{QmpVm, RawQmp, VmOptions, BOOT, REPLY};
 use serde_json::{json, Value};
 
@@ -28,20 +28,7 @@ fn pages(line: &str, key: &str) -> u64 {
 
 /// The launcher's balloond child other than `not`.
 fn balloond_pid(vm: &QmpVm, not: Option<i32>, timeout: Duration) -> Option<i32> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let found = children(vm.pid()).into_iter().find(|&c| {
-            Some(c) != not
-                && std::fs::read_link(format!("/proc/{c}/exe"))
-                    .ok()
-                    .and_then(|e| e.file_name().map(|n| n.to_string_lossy().starts_with("balloond")))
-                    .unwrap_or(false)
-        });
-        if found.is_some() || Instant::now() >= deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_daemon_child(vm.pid(), "balloond", not, timeout)
 }
 
 fn wait_ballooned(con: &mut Console, want: u64) {

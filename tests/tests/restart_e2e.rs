@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_tests::blkio::{Limits, Throttle};
 use flotilla_tests::console::{field, Console};
-use flotilla_tests::killer::{daemon_child, serving, Killer, Plan, Report};
+use flotilla_tests::killer::{serving, Killer, Plan, Report};
+use flotilla_tests::process::{daemon_child, wait_daemon_child};
 use flotilla_tests::process::{wait_timeout, Collector, Reaper};
 use flotilla_tests::qmp::{QmpVm, RawQmp, VmOptions, BOOT, EXIT, REPLY};
 use serde_json::{json, Value};
@@ -131,14 +132,7 @@ fn throttle_blockd(vm: &QmpVm, tag: &str, image: &Path) -> Option<Throttle> {
 }
 
 fn wait_daemon(vm: &QmpVm, exe: &str) -> i32 {
-    let deadline = Instant::now() + BOOT;
-    loop {
-        if let Some(p) = daemon_child(vm.pid(), exe, None) {
-            return p;
-        }
-        assert!(Instant::now() < deadline, "no {exe} child of the launcher");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_daemon_child(vm.pid(), exe, None, BOOT).unwrap_or_else(|| panic!("no {exe} child of the launcher"))
 }
 
 /// Waits for a line starting with `prefix`; an `ERR`, `WARN` or `EXCEPTION` line is an error at once.

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use flotilla_tests::console::field;
-use flotilla_tests::killer::daemon_child;
+use flotilla_tests::process::daemon_child;
 use flotilla_tests::process::signal;
 use flotilla_tests::qmp::{QmpVm, VmOptions};
 use flotilla_tests::restart::backend::{Backend, Kind, Spec};
