@@ -204,8 +204,9 @@ impl BlockService {
                 SnapshotError::Create { .. } | SnapshotError::Open { .. } | SnapshotError::InChain { .. } => {
                     open_failed()
                 }
-                // QEMU's external_snapshot_prepare: error_setg(errp, QERR_IO_ERROR).
-                SnapshotError::Flush(_) => QmpError::new("GenericError", "An IO error has occurred"),
+                // QERR_IO_ERROR, as QEMU reports a failed flush of the old image; its class is
+                // IOError in QEMU 1.1's error set, which the seed uses (memsave names it).
+                SnapshotError::Flush(_) => QmpError::new("IOError", "An IO error has occurred"),
             }
         })?;
         self.record_images();

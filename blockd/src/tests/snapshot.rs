@@ -63,7 +63,7 @@ fn a_flush_error_fails_the_snapshot_before_anything_changes() {
     let svc = BlockService::new(vec![rt.clone()]).with_state_file(Some(state.clone()));
     let overlay = dir.join("over.qcow2");
     let err = svc.blockdev_snapshot_sync(&args("d0", &overlay)).unwrap_err();
-    assert_eq!((err.class.as_str(), err.desc.as_str()), ("GenericError", "An IO error has occurred"));
+    assert_eq!((err.class.as_str(), err.desc.as_str()), ("IOError", "An IO error has occurred"));
     assert!(!overlay.exists(), "no overlay created");
     assert_eq!(rt.image.lock().unwrap().file, base, "no switch");
     assert!(!state.exists(), "nothing recorded");
