@@ -565,7 +565,17 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
+        let signal_now = file.is_some();
         vring.set_call(file);
+        // As libvhost-user, "in case of I/O hang after reconnecting": QEMU starts the rings
+        // (kick, enable) before it hands over their call fds, so a request the new backend
+        // completed in between (one resubmitted from the inflight region) was never signalled.
+        // One interrupt more is harmless to a driver; one less hangs it for good.
+        if signal_now {
+            vring
+                .signal_used_queue()
+                .map_err(VhostUserError::ReqHandlerError)?;
+        }
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
