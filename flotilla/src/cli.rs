@@ -170,6 +170,7 @@ pub static OPTIONS: &[OptSpec] = &[
     spec("S", Flag(|s| set_flag(&mut s.cfg.start_paused)), "do not start the CPUs (wait for 'cont')"),
     spec("no-shutdown", Flag(|s| set_flag(&mut s.cfg.no_shutdown)), "stop, do not exit, when the guest powers off"),
     spec("no-reboot", Flag(|s| set_flag(&mut s.cfg.no_reboot)), "exit instead of rebooting"),
+    spec("mem-prealloc", Flag(|s| set_flag(&mut s.cfg.mem_prealloc)), "allocate all guest RAM at start"),
     spec("pidfile", Value("file", |s, v| set_path(&mut s.pidfile, v)), "write the launcher's pid to file"),
     spec("daemonize", Flag(|s| set_flag(&mut s.daemonize)), "detach once the VM has started"),
     spec("nodefaults", Flag(|s| set_flag(&mut s.nodefaults)), "no default devices (no COM1 unless -serial)"),
@@ -224,7 +225,6 @@ pub static OPTIONS: &[OptSpec] = &[
     spec("global", Unsupported, ""),
     spec("numa", Unsupported, ""),
     spec("mem-path", Unsupported, ""),
-    spec("mem-prealloc", Unsupported, ""),
     spec("rtc", Unsupported, ""),
     spec("vga", Unsupported, ""),
     spec("usb", Unsupported, ""),
@@ -1084,6 +1084,19 @@ mod tests {
     }
 
     #[test]
+    fn mem_prealloc_reaches_the_machine_config() {
+        assert!(!cfg(&[]).mem_prealloc, "off unless asked for");
+        assert!(cfg(&["-mem-prealloc"]).mem_prealloc);
+        assert!(cfg(&["--mem-prealloc", "-m", "256"]).mem_prealloc);
+        let json = cfg(&["-mem-prealloc"]).to_json();
+        assert!(json.contains("\"mem_prealloc\":true"), "{json}");
+        // A config from a launcher that predates the field still parses (off).
+        let old = json.replace(",\"mem_prealloc\":true", "");
+        assert!(!old.contains("mem_prealloc"), "{old}");
+        assert!(!MachineConfig::from_json(&old).expect("old config").mem_prealloc);
+    }
+
+    #[test]
     fn pidfile_and_daemonize() {
         let o = run(&["-pidfile", "/run/vm.pid", "-daemonize", "-serial", "pty"]);
         assert_eq!(o.pidfile, Some("/run/vm.pid".into()));
@@ -1303,6 +1316,7 @@ mod tests {
             start_paused: true,
             no_shutdown: true,
             no_reboot: false,
+            mem_prealloc: false,
             vhost_user_devices: Vec::new(),
         };
         let want = LaunchOptions {

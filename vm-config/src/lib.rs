@@ -50,6 +50,10 @@ pub struct MachineConfig {
     pub no_shutdown: bool,
     /// `-no-reboot`: a guest reset (or triple fault) exits instead of resetting.
     pub no_reboot: bool,
+    /// `-mem-prealloc`: allocate all of guest RAM when the machine is built, not when the guest
+    /// first touches it (a host short of memory fails at start, not with a SIGBUS later).
+    #[serde(default)]
+    pub mem_prealloc: bool,
     /// virtio-pci functions backed by vhost-user daemons, in PCI slot order.
     #[serde(default)]
     pub vhost_user_devices: Vec<VhostUserDevice>,
@@ -194,6 +198,7 @@ impl Default for MachineConfig {
             start_paused: false,
             no_shutdown: false,
             no_reboot: false,
+            mem_prealloc: false,
             vhost_user_devices: Vec::new(),
         }
     }

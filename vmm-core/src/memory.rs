@@ -23,6 +23,8 @@ pub enum MemoryError {
     Seal(#[source] nix::Error),
     #[error("mapping guest RAM")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    #[error("preallocating {1} bytes of guest RAM (-mem-prealloc)")]
+    Prealloc(#[source] std::io::Error, u64),
 }
 
 /// One e820 entry (type 1 = RAM, 2 = reserved).
@@ -122,6 +124,29 @@ impl GuestRam {
         let mem = GuestMemoryMmap::from_ranges_with_files(regions).map_err(MemoryError::Map)?;
         Ok(GuestRam { mem, memfd: file, size })
     }
+
+    /// Allocates every page of the memfd now (`-mem-prealloc`), as QEMU's preallocation does for
+    /// its RAM backend: a host short of memory fails here with ENOSPC/ENOMEM instead of the VM
+    /// dying of SIGBUS when the guest first touches a page. Pages a balloon later frees are
+    /// punched out of the file and come back on demand, as without it.
+    pub fn preallocate(&self) -> Result<(), MemoryError> {
+        let len = i64::try_from(self.size).map_err(|_| {
+            MemoryError::Prealloc(std::io::Error::from_raw_os_error(libc::EFBIG), self.size)
+        })?;
+        // Mode 0 inside the file's size: the size seals allow it (only growing is refused).
+        // SAFETY: fallocate(2) on a live fd we own; no memory is passed.
+        let rc = unsafe { libc::fallocate(self.memfd.as_raw_fd(), 0, 0, len) };
+        if rc != 0 {
+            return Err(MemoryError::Prealloc(std::io::Error::last_os_error(), self.size));
+        }
+        Ok(())
+    }
+
+    /// Bytes of the memfd backed by host memory now (st_blocks is in 512-byte units).
+    pub fn allocated_bytes(&self) -> Result<u64, std::io::Error> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.memfd.metadata()?.blocks() * 512)
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +181,21 @@ mod tests {
         let v: u32 = ram.mem.read_obj(GuestAddress(0x1000)).expect("read");
         assert_eq!(v, 0xdead_beef);
         assert_eq!(ram.memfd.metadata().expect("stat").len(), 32 << 20);
+    }
+
+    #[test]
+    fn preallocation_backs_every_page_and_holes_can_still_be_punched() {
+        let ram = GuestRam::new(32 << 20).expect("ram");
+        assert!(ram.allocated_bytes().expect("stat") < 1 << 20, "a fresh memfd is allocated lazily");
+        ram.preallocate().expect("prealloc");
+        assert_eq!(ram.allocated_bytes().expect("stat"), 32 << 20);
+        assert_eq!(ram.memfd.metadata().expect("stat").len(), 32 << 20, "the size is unchanged");
+        // What balloond does with inflated pages: they leave the allocation.
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on a live fd with a range inside the file.
+        let rc = unsafe { libc::fallocate(ram.memfd.as_raw_fd(), punch, 0x10_0000, 0x40_0000) };
+        assert_eq!(rc, 0, "punching a hole: {}", std::io::Error::last_os_error());
+        assert_eq!(ram.allocated_bytes().expect("stat"), (32 << 20) - 0x40_0000);
     }
 
     #[test]

@@ -172,6 +172,10 @@ impl Vm {
         }
         let vm = Arc::new(kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?);
         let ram = GuestRam::new(cfg.mem_bytes)?;
+        if cfg.mem_prealloc {
+            ram.preallocate()?;
+            tracing::info!(bytes = cfg.mem_bytes, "guest RAM preallocated");
+        }
         for (slot, region) in ram.mem.iter().enumerate() {
             let host = region.as_ptr() as u64;
             let mr = kvm_userspace_memory_region {
