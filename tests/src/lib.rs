@@ -10,6 +10,7 @@ pub mod killer;
 pub mod linux_kit;
 pub mod machine;
 pub mod process;
+pub mod pvm_kernel;
 pub mod pyqmp;
 pub mod qmp;
 pub mod restart;
