@@ -67,6 +67,8 @@ pub enum VirtioKind {
     Block,
     /// virtio-balloon, device id 5 (`-device virtio-balloon-pci`, `-balloon virtio`).
     Balloon,
+    /// virtio-net, device id 1 (`-device virtio-net-pci,netdev=`), served by netd.
+    Net,
 }
 
 impl VirtioKind {
@@ -75,6 +77,7 @@ impl VirtioKind {
         match self {
             VirtioKind::Block => 2,
             VirtioKind::Balloon => 5,
+            VirtioKind::Net => 1,
         }
     }
 }
@@ -181,6 +184,63 @@ pub struct BalloondConfig {
     pub state_file: Option<PathBuf>,
 }
 
+/// Where one NIC's frames go on the host side (`-netdev tap` / `-netdev user`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum NetBackendConfig {
+    /// A tap device. The launcher opens it (TUNSETIFF with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+    /// plus IFF_MULTI_QUEUE for more than one queue pair) and netd inherits the descriptors.
+    Tap {
+        /// Inherited tap descriptors, one per queue pair, in queue-pair order.
+        fds: Vec<i32>,
+        /// The interface name (`ifname=`), for logs and query answers; None when unknown.
+        ifname: Option<String>,
+        /// The descriptors were opened with IFF_VNET_HDR, so netd may offer the guest checksum
+        /// and segmentation offloads and pass the virtio-net header through.
+        vnet_hdr: bool,
+    },
+    /// User-mode networking: slirp-net runs libslirp on the other end of a frame socket.
+    User {
+        /// Inherited SOCK_SEQPACKET (or datagram) socket: one whole Ethernet frame per message,
+        /// no virtio-net header, both ways. None: netd has no host side (frames are dropped).
+        socket_fd: Option<i32>,
+        /// `restrict=on`: the guest is isolated from the host and the outside.
+        restrict: bool,
+        /// `hostfwd=` rules, as QEMU spells them (`tcp::2222-:22`), in command-line order.
+        hostfwd: Vec<String>,
+        /// `net=` (`10.0.2.0/24`); None for slirp's default.
+        net: Option<String>,
+    },
+}
+
+/// One virtio-net NIC that netd serves (`-netdev ...,id=NETDEV -device virtio-net-pci,netdev=NETDEV,id=ID`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicConfig {
+    /// The NIC's qdev id (`-device ...,id=`); set_link accepts it or `netdev`.
+    pub id: String,
+    /// The `-netdev` id.
+    pub netdev: String,
+    /// The NIC's MAC address, `52:54:00:12:34:56` form.
+    pub mac: String,
+    /// Where netd listens for this NIC's vhost-user frontend (vmm-core).
+    pub socket: PathBuf,
+    /// Receive/transmit queue pairs (`queues=`); above 1 netd offers VIRTIO_NET_F_MQ and the
+    /// frontend should expose `2 * queue_pairs + 1` virtqueues (the last is the control queue).
+    pub queue_pairs: u16,
+    pub backend: NetBackendConfig,
+}
+
+/// Everything netd serves for one VM (`netd --config-json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetdConfig {
+    pub nics: Vec<NicConfig>,
+    /// Where netd records each NIC's link state (set_link), so that a netd restarted with this
+    /// same config keeps a link the host took down. The launcher puts it in the instance's
+    /// runtime directory.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+}
+
 pub const NULL_UUID: &str = "00000000-0000-0000-0000-000000000000";
 
 impl Default for MachineConfig {
@@ -226,6 +286,7 @@ macro_rules! json_io {
 }
 json_io!(BlockdConfig);
 json_io!(BalloondConfig);
+json_io!(NetdConfig);
 
 impl MachineConfig {
     pub fn to_json(&self) -> String {
