@@ -26,7 +26,7 @@ die() { log "error: $*"; exit 1; }
 
 ensure_tools() {
     local missing=() pair tool pkg
-    for pair in make:make gcc:gcc flex:flex bison:bison bc:bc xz:xz-utils perl:perl \
+    for pair in make:make gcc:gcc flex:flex bison:bison bc:bc xz:xz-utils perl:perl lz4:lz4 \
         patch:patch cpio:cpio; do
         tool=${pair%%:*} pkg=${pair#*:}
         command -v "$tool" >/dev/null || missing+=("$pkg")
