@@ -95,20 +95,25 @@ pub struct FrontendSpec {
 
 /// The device configuration size vmm-core asks the backend for (QEMU's sizes: virtio-blk's
 /// `struct virtio_blk_config` up to `write_zeroes_may_unmap` and padding, 60 bytes; the
-/// balloon's `num_pages` and `actual`, 8 bytes).
+/// balloon's `num_pages` and `actual`, 8 bytes; virtio-net's whole `struct virtio_net_config`
+/// of virtio 1.2, `mac` to `supported_hash_types`, 24 bytes: QEMU sizes it by the features
+/// offered, which are not known before the first connection, and a backend pads what it does
+/// not have with zeros).
 pub fn config_len(kind: VirtioKind) -> usize {
     match kind {
         VirtioKind::Block => 60,
         VirtioKind::Balloon => 8,
+        VirtioKind::Net => 24,
     }
 }
 
 /// PCI class << 8 | subclass as QEMU gives each kind (virtio-blk: PCI_CLASS_STORAGE_SCSI,
-/// virtio-balloon: PCI_CLASS_OTHERS).
+/// virtio-balloon: PCI_CLASS_OTHERS, virtio-net: PCI_CLASS_NETWORK_ETHERNET).
 pub fn pci_class(kind: VirtioKind) -> u16 {
     match kind {
         VirtioKind::Block => 0x0100,
         VirtioKind::Balloon => 0x00ff,
+        VirtioKind::Net => 0x0200,
     }
 }
 
