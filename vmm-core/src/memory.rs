@@ -57,8 +57,8 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
 }
 
 /// The e820 map the guest sees: low RAM, the reserved BIOS area (where the ACPI tables are),
-/// RAM from 1 MiB, and RAM above 4 GiB. The PCI hole is left out (the ECAM region is reported
-/// through MCFG, as on real machines).
+/// RAM from 1 MiB, the ECAM window (reserved; the MCFG points at it), and RAM above 4 GiB. The
+/// rest of the PCI hole is left out.
 pub fn e820_map(size: u64) -> Vec<E820Entry> {
     let mut map = vec![
         E820Entry { addr: 0, size: layout::EBDA_START, kind: E820_RAM },
@@ -76,6 +76,11 @@ pub fn e820_map(size: u64) -> Vec<E820Entry> {
         };
         map.push(E820Entry { addr: start, size: len, kind: E820_RAM });
     }
+    // The ECAM window, reserved as QEMU q35 (and firmware on real boards) does: Linux checks the
+    // MCFG's region against the e820 map early, and without this says "not using ECAM (... not
+    // reserved)" until the ACPI motherboard resources are parsed.
+    map.push(E820Entry { addr: layout::PCI_ECAM_START, size: layout::PCI_ECAM_SIZE, kind: E820_RESERVED });
+    map.sort_by_key(|e| e.addr);
     map
 }
 
@@ -165,6 +170,21 @@ mod tests {
         let e = e820_map(4 << 30);
         let ram: u64 = e.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
         assert_eq!(ram, (4 << 30) - (layout::HIGH_RAM_START - layout::EBDA_START));
+    }
+
+    #[test]
+    fn e820_reserves_the_ecam_window_in_order() {
+        for size in [256 << 20, 4 << 30] {
+            let e = e820_map(size);
+            assert!(e.contains(&E820Entry {
+                addr: layout::PCI_ECAM_START,
+                size: layout::PCI_ECAM_SIZE,
+                kind: E820_RESERVED
+            }));
+            for w in e.windows(2) {
+                assert!(w[0].addr + w[0].size <= w[1].addr, "{e:?}: unsorted or overlapping");
+            }
+        }
     }
 
     #[test]
