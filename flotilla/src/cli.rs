@@ -195,7 +195,7 @@ pub static OPTIONS: &[OptSpec] = &[
     spec(
         "device",
         Value(
-            "virtio-blk-pci,drive=ID|vhost-user-blk-pci,chardev=ID|virtio-balloon-pci[,id=][,addr=SLOT][,num-queues=N]",
+            "virtio-blk-pci,drive=ID|vhost-user-blk-pci,chardev=ID|virtio-balloon-pci|virtio-net-pci,netdev=ID[,mac=][,mq=on][,vectors=N][,id=][,addr=SLOT][,num-queues=N]",
             |s, v| s.devices.device(v),
         ),
         "add a device",
@@ -203,12 +203,26 @@ pub static OPTIONS: &[OptSpec] = &[
     spec(
         "chardev",
         Value("socket,id=ID,path=PATH", |s, v| s.devices.chardev(v)),
-        "an external vhost-user backend's socket (for vhost-user-blk-pci)",
+        "an external vhost-user backend's socket (vhost-user-blk-pci, -netdev vhost-user)",
     ),
     spec("balloon", Value("none|virtio[,addr=SLOT]", |s, v| s.devices.balloon(v)), "the virtio balloon (QEMU 1.1)"),
     spec("blockdev", NotYet, ""),
-    spec("netdev", NotYet, ""),
-    spec("net", NotYet, ""),
+    spec(
+        "netdev",
+        Value(
+            "tap,id=ID,ifname=NAME,script=no,downscript=no[,fd=N][,queues=N][,vnet_hdr=on|off][,vhost=off]|user,id=ID[,net=ADDR/BITS][,restrict=on|off][,hostfwd=RULE]|vhost-user,id=ID,chardev=ID[,queues=N]",
+            |s, v| s.devices.netdev(v),
+        ),
+        "a NIC's host side: a tap (netd), user networking (netd, libslirp), an external vhost-user backend",
+    ),
+    spec(
+        "net",
+        Value(
+            "nic,model=virtio[,macaddr=MAC][,vlan=N][,name=][,addr=][,vectors=]|tap,...[,vlan=N]|user,...[,vlan=N]|none",
+            |s, v| s.devices.legacy_net(v),
+        ),
+        "QEMU 1.1's NIC and host side, joined by vlan (no default NIC)",
+    ),
     spec("nic", NotYet, ""),
     spec("vnc", NotYet, ""),
     // QEMU options Flotilla does not implement.
@@ -782,8 +796,8 @@ pub fn help_text() -> String {
         OPTIONS.iter().filter(|o| matches!(o.handler, NotYet)).map(|o| format!("-{}", o.name)).collect();
     s.push_str(&format!("\nNot supported yet: {}\n", not_yet.join(" ")));
     s.push_str(
-        "\nvmm-core, qmp-gateway, blockd and balloond are started from the directory of this executable,\n\
-         or from $FLOTILLA_VMM_CORE, $FLOTILLA_QMP_GATEWAY, $FLOTILLA_BLOCKD and $FLOTILLA_BALLOOND;\n\
+        "\nvmm-core, qmp-gateway, blockd, balloond and netd are started from the directory of this executable,\n\
+         or from $FLOTILLA_VMM_CORE, $FLOTILLA_QMP_GATEWAY, $FLOTILLA_BLOCKD, $FLOTILLA_BALLOOND and $FLOTILLA_NETD;\n\
          dbus-daemon from $FLOTILLA_DBUS_DAEMON or PATH.\n\
          Logging: RUST_LOG (e.g. RUST_LOG=debug).\n",
     );
@@ -1203,7 +1217,7 @@ mod tests {
 
     #[test]
     fn later_options_are_refused_not_ignored() {
-        for o in ["qmp-pretty", "netdev", "vnc", "monitor", "mon", "blockdev"] {
+        for o in ["qmp-pretty", "nic", "vnc", "monitor", "mon", "blockdev"] {
             for dashes in ["-", "--"] {
                 let e = parse([format!("{dashes}{o}"), "x".to_string()]).expect_err(o);
                 assert_eq!(e.to_string(), format!("{dashes}{o}: option not supported yet"));
@@ -1379,6 +1393,7 @@ mod tests {
                 queue_size: 256,
                 pci_slot: None,
                 serial: None,
+                msix_vectors: None,
             }
         );
         // index= picks the unit, the next free one is used after it; if=none has its own.
@@ -1541,6 +1556,7 @@ mod tests {
                 queue_size: 128,
                 pci_slot: Some(5),
                 serial: Some("S".into()),
+                msix_vectors: None,
             }],
             "a -device may name a -drive given after it"
         );
@@ -1638,10 +1654,7 @@ mod tests {
             "-device virtio-balloon-pci,addr=5.0: PCI: slot 5 function 0 not available for virtio-balloon-pci, in use by virtio-blk-pci,id=(null)"
         );
         assert_eq!(err(&["-device", "foo-pci"]), "-device foo-pci: 'foo-pci' is not a valid device model name");
-        assert_eq!(
-            err(&["-device", "virtio-net-pci"]),
-            "-device virtio-net-pci: device 'virtio-net-pci' is not supported by flotilla"
-        );
+        assert_eq!(err(&["-device", "e1000"]), "-device e1000: device 'e1000' is not supported by flotilla");
         assert_eq!(err(&["-device", "id=x"]), "-device id=x: Parameter 'driver' is missing");
         assert_eq!(err(&["-device"]), "-device: requires an argument");
     }
@@ -1733,6 +1746,7 @@ mod tests {
                 queue_size: 128,
                 pci_slot: Some(4),
                 serial: None,
+                msix_vectors: None,
             }]
         );
         assert!(devs(&["-device", "virtio-balloon-pci"]).has_balloon());
@@ -1781,6 +1795,9 @@ mod tests {
         ] {
             assert!(h.contains(o), "help lacks {o}:\n{h}");
         }
-        assert!(h.contains("$FLOTILLA_BLOCKD and $FLOTILLA_BALLOOND"));
+        assert!(h.contains("$FLOTILLA_BLOCKD, $FLOTILLA_BALLOOND and $FLOTILLA_NETD"));
     }
+
+    // Network options: their own file (flotilla/src/cli_net_tests.rs), same helpers.
+    include!("cli_net_tests.rs");
 }

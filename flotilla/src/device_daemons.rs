@@ -3,7 +3,10 @@
 //! ```text
 //! blockd   --config-json JSON --dbus-address ADDR --instance NAME --ready-fd FD   (with -drive)
 //! balloond --config-json JSON --dbus-address ADDR --instance NAME --ready-fd FD   (with a balloon)
+//! netd     --config-json JSON --dbus-address ADDR --instance NAME --ready-fd FD   (a NIC on tap/user)
 //! ```
+//!
+//! netd also inherits its NICs' tap descriptors (the numbers in its config), at every start.
 //!
 //! Both are started after the bus and before vmm-core, and vmm-core is started only once each
 //! has written `ready` on FD (its sockets listen then), within [`READY_TIMEOUT`]. One that
@@ -49,6 +52,7 @@ pub enum DaemonError {
 pub struct Binaries<'a> {
     pub blockd: Option<&'a Path>,
     pub balloond: Option<&'a Path>,
+    pub netd: Option<&'a Path>,
 }
 
 /// The instance's device daemons.
@@ -81,10 +85,11 @@ impl DeviceDaemons {
     ) -> Result<DeviceDaemons, DaemonError> {
         let mut list = Vec::new();
         let configs = [
-            ("blockd", bins.blockd, plan.blockd.as_ref().map(|c| c.to_json()), plan.blockd_sockets()),
-            ("balloond", bins.balloond, plan.balloond.as_ref().map(|c| c.to_json()), plan.balloond_sockets()),
+            ("blockd", bins.blockd, plan.blockd.as_ref().map(|c| c.to_json()), plan.blockd_sockets(), vec![]),
+            ("balloond", bins.balloond, plan.balloond.as_ref().map(|c| c.to_json()), plan.balloond_sockets(), vec![]),
+            ("netd", bins.netd, plan.netd.as_ref().map(|c| c.to_json()), plan.netd_sockets(), netd_fds(plan)),
         ];
-        for (name, bin, json, sockets) in configs {
+        for (name, bin, json, sockets, fds) in configs {
             let (Some(bin), Some(json)) = (bin, json) else { continue };
             for dir in sockets.iter().filter_map(|s| s.parent()) {
                 make_socket_dir(dir)?;
@@ -92,6 +97,7 @@ impl DeviceDaemons {
             tracing::debug!(config = %json, "{name} configuration");
             let mut r = Restartable::new(name, bin, daemon_args(json, address, instance), sockets)
                 .with_ready_fd()
+                .inherit_fds(fds)
                 .pipe_stderr(pipe_stderr);
             r.spawn().map_err(|source| DaemonError::Spawn { name, program: bin.to_path_buf(), source })?;
             list.push(r);
@@ -167,8 +173,24 @@ impl DeviceDaemons {
         if plan.balloond.is_some() {
             a.extend(["--daemon".to_string(), "balloond".to_string()]);
         }
+        if plan.netd.is_some() {
+            a.extend(["--daemon".to_string(), "netd".to_string()]);
+        }
         a
     }
+}
+
+/// The tap descriptors netd's config names (the launcher holds them open).
+fn netd_fds(plan: &DevicePlan) -> Vec<std::os::fd::RawFd> {
+    let mut fds = Vec::new();
+    for nic in plan.netd.iter().flat_map(|n| &n.nics) {
+        match &nic.backend {
+            vm_config::NetBackendConfig::Tap { fds: f, .. } => fds.extend(f),
+            vm_config::NetBackendConfig::User { socket_fd: Some(f), .. } => fds.push(*f),
+            vm_config::NetBackendConfig::User { socket_fd: None, .. } => {}
+        }
+    }
+    fds
 }
 
 fn make_socket_dir(dir: &Path) -> Result<(), DaemonError> {
@@ -204,7 +226,7 @@ mod tests {
         let mut s = DeviceSet::default();
         s.drive("file=/img,if=virtio,format=raw").expect("drive");
         s.finish().expect("finish");
-        plan(&s, &[DriveFormat::Raw], rt, 1 << 30)
+        plan(&s, &[DriveFormat::Raw], &[], rt, 1 << 30)
     }
 
     fn scratch(tag: &str) -> PathBuf {
@@ -230,7 +252,7 @@ mod tests {
         let p = one_drive(&dir);
         let mut d = DeviceDaemons::start(
             &p,
-            &Binaries { blockd: Some(&bin), balloond: None },
+            &Binaries { blockd: Some(&bin), balloond: None, netd: None },
             "unix:path=/b",
             "vm1",
             &signals(),
@@ -254,7 +276,7 @@ mod tests {
         let bin = fake(&dir, "blockd", "echo 'blockd: bad config' >&2; exit 1");
         let e = DeviceDaemons::start(
             &one_drive(&dir),
-            &Binaries { blockd: Some(&bin), balloond: None },
+            &Binaries { blockd: Some(&bin), balloond: None, netd: None },
             "a",
             "vm",
             &signals(),
@@ -265,7 +287,7 @@ mod tests {
         assert_eq!(e.to_string(), "blockd exited before it was ready (exit status 1)");
         let e = DeviceDaemons::start(
             &one_drive(&dir),
-            &Binaries { blockd: Some(&dir.join("missing")), balloond: None },
+            &Binaries { blockd: Some(&dir.join("missing")), balloond: None, netd: None },
             "a",
             "vm",
             &signals(),
@@ -281,9 +303,16 @@ mod tests {
     fn nothing_started_without_drives_or_balloon() {
         let mut s = DeviceSet::default();
         s.finish().expect("finish");
-        let p = plan(&s, &[], Path::new("/nonexistent"), 1 << 30);
-        let d = DeviceDaemons::start(&p, &Binaries { blockd: None, balloond: None }, "a", "vm", &signals(), false)
-            .expect("nothing to do");
+        let p = plan(&s, &[], &[], Path::new("/nonexistent"), 1 << 30);
+        let d = DeviceDaemons::start(
+            &p,
+            &Binaries { blockd: None, balloond: None, netd: None },
+            "a",
+            "vm",
+            &signals(),
+            false,
+        )
+        .expect("nothing to do");
         assert!(d.list.is_empty());
         assert!(DeviceDaemons::gateway_args(&p).is_empty());
     }

@@ -7,9 +7,13 @@
 
 use std::path::{Path, PathBuf};
 
-use vm_config::{BalloondConfig, BlockdConfig, DriveConfig, DriveFormat, VhostUserDevice};
+use vm_config::{
+    BalloondConfig, BlockdConfig, DriveConfig, DriveFormat, NetBackendConfig, NetdConfig, NicConfig, VhostUserDevice,
+};
 
 use crate::devices::{Backend, DeviceSet, DEFAULT_NUM_QUEUES};
+use crate::net_opts::{format_mac, NetdevKind};
+use crate::tap::NicTap;
 
 /// The runtime directory's subdirectory for vhost-user sockets.
 pub const SOCKET_DIR: &str = "vhost-user";
@@ -18,6 +22,8 @@ pub const BLOCKD_STATE_FILE: &str = "blockd-state.json";
 pub const BALLOON_SOCKET: &str = "balloon.sock";
 /// balloond's record of the balloon target, in the runtime directory (removed with it).
 pub const BALLOOND_STATE_FILE: &str = "balloond-state.json";
+/// netd's record of each NIC's link state, in the runtime directory (removed with it).
+pub const NETD_STATE_FILE: &str = "netd-state.json";
 
 /// What the launcher hands out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +34,8 @@ pub struct DevicePlan {
     pub blockd: Option<BlockdConfig>,
     /// None without a balloon.
     pub balloond: Option<BalloondConfig>,
+    /// None without a NIC on a tap or user network.
+    pub netd: Option<NetdConfig>,
 }
 
 /// The socket blockd serves drive `id` on.
@@ -35,9 +43,15 @@ pub fn drive_socket(runtime: &Path, id: &str) -> PathBuf {
     runtime.join(SOCKET_DIR).join(format!("{id}.sock"))
 }
 
+/// The socket netd serves NIC `name` on (net client names are QEMU identifiers or
+/// `virtio-net-pci.N`: safe file names).
+pub fn nic_socket(runtime: &Path, name: &str) -> PathBuf {
+    runtime.join(SOCKET_DIR).join(format!("nic-{name}.sock"))
+}
+
 /// Builds the plan; `formats` are the drives' formats (`drive_files::check_all`), in
-/// `set.drives` order.
-pub fn plan(set: &DeviceSet, formats: &[DriveFormat], runtime: &Path, mem_bytes: u64) -> DevicePlan {
+/// `set.drives` order; `taps` the NICs' opened taps (`tap::open_all`).
+pub fn plan(set: &DeviceSet, formats: &[DriveFormat], taps: &[NicTap], runtime: &Path, mem_bytes: u64) -> DevicePlan {
     let mut devices = Vec::with_capacity(set.devices.len());
     let mut balloond = None;
     for d in &set.devices {
@@ -54,6 +68,7 @@ pub fn plan(set: &DeviceSet, formats: &[DriveFormat], runtime: &Path, mem_bytes:
                 });
                 socket
             }
+            Backend::Netd(name) => nic_socket(runtime, name),
         };
         devices.push(VhostUserDevice {
             id: d.id.clone(),
@@ -62,8 +77,10 @@ pub fn plan(set: &DeviceSet, formats: &[DriveFormat], runtime: &Path, mem_bytes:
             num_queues: d.num_queues,
             queue_size: d.queue_size,
             pci_slot: d.pci_slot,
+            msix_vectors: d.msix_vectors,
         });
     }
+    let netd = set.has_netd().then(|| netd_config(set, taps, runtime));
     let blockd = set.has_drives().then(|| BlockdConfig {
         drives: set
             .drives
@@ -87,7 +104,51 @@ pub fn plan(set: &DeviceSet, formats: &[DriveFormat], runtime: &Path, mem_bytes:
             .collect(),
         state_file: Some(runtime.join(BLOCKD_STATE_FILE)),
     });
-    DevicePlan { vhost_user_devices: devices, blockd, balloond }
+    DevicePlan { vhost_user_devices: devices, blockd, balloond, netd }
+}
+
+/// What netd serves: every NIC on a tap (its descriptors, as netd inherits them) or on user
+/// networking (libslirp in netd, with the `-netdev user` options).
+fn netd_config(set: &DeviceSet, taps: &[NicTap], runtime: &Path) -> NetdConfig {
+    use std::os::fd::AsRawFd;
+    let mut nics = Vec::new();
+    for nic in &set.nics {
+        if !set.devices.iter().any(|d| d.backend == Backend::Netd(nic.name.clone())) {
+            continue;
+        }
+        let Some(netdev) = set.net.netdev_of(nic) else { continue };
+        let backend = match &netdev.kind {
+            NetdevKind::Tap { ifname, vnet_hdr, .. } => match taps.iter().find(|t| t.nic == nic.name) {
+                Some(t) => NetBackendConfig::Tap {
+                    fds: t.queues.fds.iter().map(|f| f.as_raw_fd()).collect(),
+                    ifname: Some(t.queues.ifname.clone()),
+                    vnet_hdr: t.queues.vnet_hdr,
+                },
+                // Not opened (plans made in tests): what was asked.
+                None => NetBackendConfig::Tap {
+                    fds: Vec::new(),
+                    ifname: ifname.clone(),
+                    vnet_hdr: vnet_hdr.unwrap_or(true),
+                },
+            },
+            NetdevKind::User { restrict, hostfwd, net } => NetBackendConfig::User {
+                socket_fd: None,
+                restrict: *restrict,
+                hostfwd: hostfwd.clone(),
+                net: net.clone(),
+            },
+            NetdevKind::VhostUser { .. } => continue,
+        };
+        nics.push(NicConfig {
+            id: nic.name.clone(),
+            netdev: nic.netdev.clone(),
+            mac: format_mac(&nic.mac),
+            socket: nic_socket(runtime, &nic.name),
+            queue_pairs: nic.queue_pairs,
+            backend,
+        });
+    }
+    NetdConfig { nics, state_file: Some(runtime.join(NETD_STATE_FILE)) }
 }
 
 /// Longest path a unix socket address holds (sun_path less its NUL).
@@ -101,6 +162,7 @@ impl DevicePlan {
         self.blockd_sockets()
             .into_iter()
             .chain(self.balloond_sockets())
+            .chain(self.netd_sockets())
             .find(|p| p.as_os_str().as_bytes().len() > MAX_SOCKET_PATH)
     }
 
@@ -110,6 +172,10 @@ impl DevicePlan {
 
     pub fn balloond_sockets(&self) -> Vec<PathBuf> {
         self.balloond.iter().map(|b| b.socket.clone()).collect()
+    }
+
+    pub fn netd_sockets(&self) -> Vec<PathBuf> {
+        self.netd.iter().flat_map(|n| n.nics.iter().map(|c| c.socket.clone())).collect()
     }
 }
 
@@ -126,6 +192,8 @@ mod tests {
                 "device" => s.device(a),
                 "chardev" => s.chardev(a),
                 "balloon" => s.balloon(a),
+                "netdev" => s.netdev(a),
+                "net" => s.legacy_net(a),
                 _ => unreachable!(),
             }
             .expect(a);
@@ -146,7 +214,7 @@ mod tests {
             ("device", "virtio-balloon-pci,id=balloon0"),
         ]);
         let rt = Path::new("/run/flotilla/vm1-42");
-        let p = plan(&s, &[DriveFormat::Raw, DriveFormat::Qcow2, DriveFormat::Raw], rt, 256 << 20);
+        let p = plan(&s, &[DriveFormat::Raw, DriveFormat::Qcow2, DriveFormat::Raw], &[], rt, 256 << 20);
         let dev = |id: &str, kind, socket: &str, num_queues, queue_size, pci_slot| VhostUserDevice {
             id: id.into(),
             kind,
@@ -154,6 +222,7 @@ mod tests {
             num_queues,
             queue_size,
             pci_slot,
+            msix_vectors: None,
         };
         assert_eq!(
             p.vhost_user_devices,
@@ -209,7 +278,7 @@ mod tests {
         assert_eq!(p.balloond_sockets(), [PathBuf::from("/run/flotilla/vm1-42/vhost-user/balloon.sock")]);
         assert_eq!(p.overlong_socket(), None);
         let deep = PathBuf::from(format!("/{}", "d".repeat(90)));
-        let p2 = plan(&s, &[DriveFormat::Raw, DriveFormat::Qcow2, DriveFormat::Raw], &deep, 1 << 30);
+        let p2 = plan(&s, &[DriveFormat::Raw, DriveFormat::Qcow2, DriveFormat::Raw], &[], &deep, 1 << 30);
         assert_eq!(p2.overlong_socket(), Some(deep.join("vhost-user/virtio0.sock")));
         // The JSON the daemons get round-trips.
         assert_eq!(BlockdConfig::from_json(&b.to_json()).expect("json"), *b);
@@ -218,11 +287,11 @@ mod tests {
     #[test]
     fn nothing_to_start_without_drives_or_balloon() {
         let s = set(&[("chardev", "socket,id=c,path=/x.sock"), ("device", "vhost-user-blk-pci,chardev=c")]);
-        let p = plan(&s, &[], Path::new("/rt"), 1 << 30);
+        let p = plan(&s, &[], &[], Path::new("/rt"), 1 << 30);
         assert_eq!(p.blockd, None);
         assert_eq!(p.balloond, None);
         assert_eq!(p.vhost_user_devices.len(), 1);
-        let p = plan(&set(&[("balloon", "none")]), &[], Path::new("/rt"), 1 << 30);
-        assert_eq!(p, DevicePlan { vhost_user_devices: vec![], blockd: None, balloond: None });
+        let p = plan(&set(&[("balloon", "none")]), &[], &[], Path::new("/rt"), 1 << 30);
+        assert_eq!(p, DevicePlan { vhost_user_devices: vec![], blockd: None, balloond: None, netd: None });
     }
 }

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use vm_config::{CacheMode, DriveFormat, ErrorAction, VirtioKind};
 
+use crate::net_opts::{nic_device_key, NetSet, NetdevKind, NicProps, NicSpec, NET_QUEUE_SIZE};
 use crate::qemu_opts::{parse_bool, parse_keyvals, ValueError};
 
 /// virtio-blk-pci's `queue-size` default in QEMU 7.2.
@@ -65,6 +66,8 @@ pub enum Backend {
     External(PathBuf),
     /// balloond.
     Balloon,
+    /// netd, for the NIC of this net client name ([`NicSpec::name`]).
+    Netd(String),
 }
 
 /// One virtio-pci function of the machine, in command-line order.
@@ -83,6 +86,8 @@ pub struct DeviceSpec {
     pub pci_slot: Option<u8>,
     /// virtio-blk-pci's `serial=` (overrides the drive's).
     pub serial: Option<String>,
+    /// `vectors=`: MSI-X table entries (None: one per queue plus one).
+    pub msix_vectors: Option<u16>,
 }
 
 /// `-chardev socket,id=,path=`: a vhost-user backend's socket the frontend connects to.
@@ -112,6 +117,10 @@ pub struct DeviceSet {
     balloon: Option<BalloonOpt>,
     /// Units taken per interface, for QEMU's `virtio<N>` / `none<N>` ids.
     units: Vec<(DriveIf, u32)>,
+    /// `-netdev`, `-net`.
+    pub net: NetSet,
+    /// The NICs, resolved in `finish` (PCI order).
+    pub nics: Vec<NicSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +130,8 @@ struct PendingDevice {
     reference: Option<String>,
     /// The device of a `-drive if=virtio`: its backend is set already.
     implied: bool,
+    /// virtio-net-pci's properties.
+    nic: Option<NicProps>,
 }
 
 /// QEMU's id check (`id_wellformed`).
@@ -424,8 +435,9 @@ impl DeviceSet {
                 queue_size: BLK_QUEUE_SIZE,
                 pci_slot: None,
                 serial: None,
+                msix_vectors: None,
             };
-            self.pending.push(PendingDevice { spec, reference: None, implied: true });
+            self.pending.push(PendingDevice { spec, reference: None, implied: true, nic: None });
         }
         self.drives.push(DriveSpec {
             location,
@@ -508,6 +520,7 @@ impl DeviceSet {
             "virtio-blk-pci" => ("virtio-blk-pci", VirtioKind::Block, BLK_QUEUE_SIZE),
             "vhost-user-blk-pci" => ("vhost-user-blk-pci", VirtioKind::Block, VHOST_USER_BLK_QUEUE_SIZE),
             "virtio-balloon-pci" => ("virtio-balloon-pci", VirtioKind::Balloon, BALLOON_QUEUE_SIZE),
+            "virtio-net-pci" => ("virtio-net-pci", VirtioKind::Net, NET_QUEUE_SIZE),
             d if QEMU_OTHER_DEVICES.contains(&d) => {
                 return Err(ValueError::new(format!("device '{d}' is not supported by flotilla")))
             }
@@ -523,9 +536,16 @@ impl DeviceSet {
             queue_size,
             pci_slot: None,
             serial: None,
+            msix_vectors: None,
         };
         let mut reference = None;
+        let mut nic = (kind == VirtioKind::Net).then(NicProps::default);
         for (k, v) in pairs {
+            if let Some(p) = nic.as_mut() {
+                if nic_device_key(p, &k, &v)? {
+                    continue;
+                }
+            }
             match (model, k.as_str()) {
                 (_, "id") => {
                     check_id(&v)?;
@@ -547,7 +567,38 @@ impl DeviceSet {
             "vhost-user-blk-pci" if reference.is_none() => return Err(ValueError::new("chardev is mandatory")),
             _ => {}
         }
-        self.pending.push(PendingDevice { spec, reference, implied: false });
+        self.pending.push(PendingDevice { spec, reference, implied: false, nic });
+        Ok(())
+    }
+
+    /// `-netdev TYPE,id=ID,...`
+    pub fn netdev(&mut self, arg: &str) -> Result<(), ValueError> {
+        self.net.netdev(arg)
+    }
+
+    /// QEMU 1.1's `-net nic|tap|user|none,...`: a `-net nic` is a virtio-net-pci function in
+    /// command-line order, like a `-device`.
+    pub fn legacy_net(&mut self, arg: &str) -> Result<(), ValueError> {
+        let Some(props) = self.net.net(arg)? else { return Ok(()) };
+        let mut pci_slot = None;
+        for (k, v) in parse_keyvals(arg, Some("type")) {
+            if k == "addr" {
+                pci_slot = Some(parse_pci_addr("virtio-net-pci", &v)?);
+            }
+        }
+        let spec = DeviceSpec {
+            location: format!("-net {arg}"),
+            id: String::new(),
+            model: "virtio-net-pci",
+            kind: VirtioKind::Net,
+            backend: Backend::Netd(String::new()),
+            num_queues: 2,
+            queue_size: NET_QUEUE_SIZE,
+            pci_slot,
+            serial: None,
+            msix_vectors: props.vectors,
+        };
+        self.pending.push(PendingDevice { spec, reference: None, implied: false, nic: Some(props) });
         Ok(())
     }
 
@@ -589,14 +640,23 @@ impl DeviceSet {
                     queue_size: BALLOON_QUEUE_SIZE,
                     pci_slot,
                     serial: None,
+                    msix_vectors: None,
                 },
                 reference: None,
                 implied: false,
+                nic: None,
             });
         }
+        let mut nic_props = Vec::new();
         for p in std::mem::take(&mut self.pending) {
-            let PendingDevice { mut spec, reference, implied } = p;
+            let PendingDevice { mut spec, reference, implied, nic } = p;
             if implied {
+                self.devices.push(spec);
+                continue;
+            }
+            if let Some(props) = nic {
+                spec.msix_vectors = props.vectors.or(spec.msix_vectors);
+                nic_props.push((self.devices.len(), spec.location.clone(), spec.id.clone(), props));
                 self.devices.push(spec);
                 continue;
             }
@@ -632,6 +692,7 @@ impl DeviceSet {
                     spec.backend = Backend::External(path);
                 }
                 (_, _) => {
+                    // The balloon (NICs were taken out above).
                     if self.devices.iter().any(|x| x.backend == Backend::Balloon) {
                         return Err(at(ValueError::new("Only one balloon device is supported")));
                     }
@@ -640,8 +701,46 @@ impl DeviceSet {
             }
             self.devices.push(spec);
         }
+        self.resolve_nics(nic_props)?;
         self.check_slots()?;
         Ok(())
+    }
+
+    /// Gives each NIC its host side: netd (tap, user) or an external vhost-user backend, and
+    /// its queues (2 per pair, plus the control queue with more than one pair).
+    fn resolve_nics(&mut self, nic_props: Vec<(usize, String, String, NicProps)>) -> Result<(), (String, ValueError)> {
+        let list: Vec<(String, String, NicProps)> =
+            nic_props.iter().map(|(_, loc, id, p)| (loc.clone(), id.clone(), p.clone())).collect();
+        let nics = self.net.resolve(&list)?;
+        for ((index, location, _, _), nic) in nic_props.iter().zip(&nics) {
+            let at = |e: ValueError| (location.clone(), e);
+            let netdev = self.net.netdev_of(nic).map(|d| d.kind.clone());
+            let backend = match netdev {
+                Some(NetdevKind::VhostUser { chardev, .. }) => {
+                    let Some(c) = self.chardevs.iter().find(|c| c.id == chardev) else {
+                        return Err(at(ValueError::new(format!("chardev \"{chardev}\" not found"))));
+                    };
+                    let path = c.path.clone();
+                    if self.devices.iter().any(|x| x.backend == Backend::External(path.clone())) {
+                        return Err(at(ValueError::new(format!(
+                            "Property 'vhost-user-net.chardev' can't take value '{chardev}', it's in use"
+                        ))));
+                    }
+                    Backend::External(path)
+                }
+                _ => Backend::Netd(nic.name.clone()),
+            };
+            let d = &mut self.devices[*index];
+            d.backend = backend;
+            d.num_queues = if nic.queue_pairs > 1 { 2 * nic.queue_pairs + 1 } else { 2 };
+        }
+        self.nics = nics;
+        Ok(())
+    }
+
+    /// Whether netd is needed (a NIC on a tap or user network).
+    pub fn has_netd(&self) -> bool {
+        self.devices.iter().any(|d| matches!(d.backend, Backend::Netd(_)))
     }
 
     fn check_slots(&self) -> Result<(), (String, ValueError)> {
@@ -691,7 +790,6 @@ pub fn format_option_error(format: DriveFormat, key: &str) -> ValueError {
 
 /// Device models QEMU has that Flotilla does not (yet) implement; anything else is unknown.
 const QEMU_OTHER_DEVICES: &[&str] = &[
-    "virtio-net-pci",
     "virtio-blk-device",
     "virtio-scsi-pci",
     "scsi-hd",

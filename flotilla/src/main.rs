@@ -15,9 +15,11 @@ mod device_daemons;
 mod device_plan;
 mod devices;
 mod drive_files;
+mod net_opts;
 mod qemu_opts;
 mod restart;
 mod supervise;
+mod tap;
 
 use cli::Action;
 

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{ChildStderr, Command, ExitStatus, Stdio};
@@ -60,7 +60,11 @@ impl ReadyPipe {
 
 /// Makes `fd` survive the exec of `cmd` (it stays close-on-exec in the launcher).
 pub fn pass_fd(cmd: &mut Command, fd: &OwnedFd) {
-    let raw = fd.as_raw_fd();
+    pass_raw_fd(cmd, fd.as_raw_fd());
+}
+
+/// [`pass_fd`] for a descriptor the caller keeps open until the spawn returns.
+pub fn pass_raw_fd(cmd: &mut Command, raw: RawFd) {
     // SAFETY: fcntl is async-signal-safe; `raw` is open in the child since it is open here
     // (fork copies the table; `fd` outlives the spawn call).
     unsafe {
@@ -117,6 +121,9 @@ pub struct Restartable {
     sockets: Vec<PathBuf>,
     /// Whether it takes `--ready-fd FD`.
     with_ready_fd: bool,
+    /// Descriptors it inherits at every start, under the same numbers (netd's taps); the
+    /// caller keeps them open for the process's whole supervised life.
+    inherit: Vec<RawFd>,
     /// Whether its stderr goes through a pipe and a thread (a daemonizing launcher's children
     /// must not hold the caller's stderr open).
     pipe_stderr: bool,
@@ -138,6 +145,7 @@ impl Restartable {
             args,
             sockets,
             with_ready_fd: false,
+            inherit: Vec::new(),
             pipe_stderr: false,
             proc: None,
             ready: None,
@@ -151,6 +159,12 @@ impl Restartable {
     /// Passes `--ready-fd FD` and watches the pipe.
     pub fn with_ready_fd(mut self) -> Self {
         self.with_ready_fd = true;
+        self
+    }
+
+    /// Passes these descriptors at every start (see the field).
+    pub fn inherit_fds(mut self, fds: Vec<RawFd>) -> Self {
+        self.inherit = fds;
         self
     }
 
@@ -188,6 +202,9 @@ impl Restartable {
         self.next_start = None;
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args).stdin(Stdio::null());
+        for &fd in &self.inherit {
+            pass_raw_fd(&mut cmd, fd);
+        }
         let pipe = if self.with_ready_fd {
             let (r, w) = ReadyPipe::new().map_err(|e| io::Error::from_raw_os_error(e as i32))?;
             cmd.arg("--ready-fd").arg(w.as_raw_fd().to_string());

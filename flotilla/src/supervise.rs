@@ -47,6 +47,8 @@ pub const GATEWAY_ENV: &str = "FLOTILLA_QMP_GATEWAY";
 pub const BLOCKD_ENV: &str = "FLOTILLA_BLOCKD";
 /// Environment variable naming the balloond binary (default: next to this executable).
 pub const BALLOOND_ENV: &str = "FLOTILLA_BALLOOND";
+/// Environment variable naming the netd binary (default: next to this executable).
+pub const NETD_ENV: &str = "FLOTILLA_NETD";
 /// How long a daemonizing launcher watches vmm-core for an early failure before detaching.
 const DAEMON_GRACE: Duration = Duration::from_millis(500);
 
@@ -60,6 +62,10 @@ pub enum LaunchError {
     BlockdMissing(PathBuf),
     #[error("cannot find balloond at '{0}' (set {BALLOOND_ENV} to its path)")]
     BalloondMissing(PathBuf),
+    #[error("cannot find netd at '{0}' (set {NETD_ENV} to its path)")]
+    NetdMissing(PathBuf),
+    #[error(transparent)]
+    Tap(#[from] crate::tap::NicTapError),
     #[error(transparent)]
     DriveFile(#[from] FileError),
     #[error("the vhost-user socket path '{}' is longer than a unix socket address holds (107 bytes); use a shorter -name, drive id or XDG_RUNTIME_DIR", .0.display())]
@@ -122,20 +128,27 @@ pub fn find_balloond() -> Result<PathBuf, LaunchError> {
     find_binary(BALLOOND_ENV, "balloond")?.map_err(LaunchError::BalloondMissing)
 }
 
+pub fn find_netd() -> Result<PathBuf, LaunchError> {
+    find_binary(NETD_ENV, "netd")?.map_err(LaunchError::NetdMissing)
+}
+
 /// Checks what QEMU checks before starting, so that errors come from the launcher; returns
-/// the drives' formats (probed where not given; QEMU's warning printed for a guessed raw).
-fn preflight(opts: &LaunchOptions) -> Result<Vec<vm_config::DriveFormat>, LaunchError> {
-    let (formats, warnings) = crate::drive_files::check_all(&opts.devices)?;
+/// the drives' formats (probed where not given; QEMU's warning printed for a guessed raw) and
+/// the NICs' taps, opened (held by the launcher for the VM's life, inherited by netd).
+fn preflight(opts: &LaunchOptions) -> Result<(Vec<vm_config::DriveFormat>, Vec<crate::tap::NicTap>), LaunchError> {
+    let (formats, mut warnings) = crate::drive_files::check_all(&opts.devices)?;
     if let Some(k) = &opts.machine.kernel {
         File::open(k).map_err(|e| LaunchError::Kernel(k.clone(), e))?;
     }
     if let Some(i) = &opts.machine.initrd {
         File::open(i).map_err(|e| LaunchError::Initrd(i.clone(), e))?;
     }
+    let taps = crate::tap::open_all(&opts.devices)?;
+    warnings.extend(opts.devices.net.resolve_notes(&opts.devices.nics));
     for w in warnings {
         eprintln!("{w}");
     }
-    Ok(formats)
+    Ok((formats, taps))
 }
 
 /// `-pidfile`: created and locked like QEMU's (a second instance on the same file fails),
@@ -278,8 +291,9 @@ pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
     let gateway = if opts.qmp.is_empty() { None } else { Some(find_gateway()?) };
     let blockd = if opts.devices.has_drives() { Some(find_blockd()?) } else { None };
     let balloond = if opts.devices.has_balloon() { Some(find_balloond()?) } else { None };
-    let formats = preflight(opts)?;
-    let bins = Binaries { blockd: blockd.as_deref(), balloond: balloond.as_deref() };
+    let netd = if opts.devices.has_netd() { Some(find_netd()?) } else { None };
+    let (formats, taps) = preflight(opts)?;
+    let bins = Binaries { blockd: blockd.as_deref(), balloond: balloond.as_deref(), netd: netd.as_deref() };
     // The daemon changes to "/"; keep the pid file where the user meant it.
     let pidfile_path = match &opts.pidfile {
         Some(p) if p.is_relative() => {
@@ -289,7 +303,11 @@ pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
     };
 
     let mut report = if opts.daemonize { Some(daemonize()?) } else { None };
-    match run_vm(opts, &formats, &bins, &vmm_core, gateway.as_deref(), pidfile_path.as_deref(), report.as_mut()) {
+    let launched =
+        run_vm(opts, &formats, &taps, &bins, &vmm_core, gateway.as_deref(), pidfile_path.as_deref(), report.as_mut());
+    // The taps stay open until every process that uses them has ended (run_vm returns then).
+    drop(taps);
+    match launched {
         Err(e) if report.is_some() => {
             // Say why before the waiting original process exits.
             eprintln!("flotilla: {e}");
@@ -302,9 +320,11 @@ pub fn launch(opts: &LaunchOptions) -> Result<Outcome, LaunchError> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_vm(
     opts: &LaunchOptions,
     formats: &[vm_config::DriveFormat],
+    taps: &[crate::tap::NicTap],
     bins: &Binaries<'_>,
     vmm_core: &Path,
     gateway_bin: Option<&Path>,
@@ -328,7 +348,7 @@ fn run_vm(
     let instance = opts.machine.name.clone().unwrap_or_else(|| format!("vm{}", std::process::id()));
     let runtime = RuntimeDir::create(&instance)?;
     let _chardev_sockets = ChardevSockets::of(&opts.machine);
-    let plan = crate::device_plan::plan(&opts.devices, formats, runtime.path(), opts.machine.mem_bytes);
+    let plan = crate::device_plan::plan(&opts.devices, formats, taps, runtime.path(), opts.machine.mem_bytes);
     if let Some(p) = plan.overlong_socket() {
         return Err(LaunchError::SocketPath(p));
     }

@@ -26,6 +26,7 @@ pub fn machine_with_vhost_user(dir: &TempDir, socket: &Path, kind: VirtioKind, s
             num_queues: 1,
             queue_size: 128,
             pci_slot: Some(slot),
+            msix_vectors: None,
         }],
         ..guest_config(dir, 1, 128)
     };

@@ -567,6 +567,7 @@ fn drive_starts_blockd_which_is_restarted_after_sigkill_and_cleaned_up() {
             num_queues: 1,
             queue_size: 256,
             pci_slot: None,
+            msix_vectors: None,
         }]
     );
 
@@ -806,6 +807,7 @@ fn an_external_vhost_user_blk_backend_starts_no_daemon_and_keeps_its_socket() {
             num_queues: 1,
             queue_size: 128,
             pci_slot: None,
+            msix_vectors: None,
         }]
     );
     assert_eq!(daemon_child(vm.pid(), "blockd", None, Duration::from_millis(200)), None, "no blockd for it");

@@ -308,6 +308,7 @@ fn dropping_the_machine_ends_the_frontend_thread() {
         num_queues: 2,
         queue_size: 64,
         pci_slot: None,
+        msix_vectors: None,
     }];
     let vm = Vm::new(cfg).expect("machine");
     // The thread names itself once it runs: wait for that rather than race it.
@@ -333,6 +334,7 @@ fn a_guest_kick_reaches_blockd_through_the_ioeventfd_and_the_completion_interrup
         num_queues: 1,
         queue_size: 128,
         pci_slot: Some(SLOT),
+        msix_vectors: None,
     }];
     let mut b = boot(cfg, dir);
     let (d, mut q) = bring_up(&b.vm);

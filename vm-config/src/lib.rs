@@ -98,6 +98,11 @@ pub struct VhostUserDevice {
     pub queue_size: u16,
     /// PCI slot on bus 0 (`addr=`); the first free slot when None.
     pub pci_slot: Option<u8>,
+    /// MSI-X table entries (`vectors=`); None: one per queue and one for configuration changes.
+    /// With fewer, a driver shares vectors between queues (Linux: config on one, all queues on
+    /// another).
+    #[serde(default)]
+    pub msix_vectors: Option<u16>,
 }
 
 /// Image formats blockd opens.

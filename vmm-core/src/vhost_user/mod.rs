@@ -117,6 +117,10 @@ pub fn pci_class(kind: VirtioKind) -> u16 {
     }
 }
 
+/// Most MSI-X vectors a function may have: the table's 0x1000-byte page in the BAR holds 256
+/// entries of 16 bytes.
+pub const MAX_MSIX_VECTORS: u16 = 256;
+
 /// The transport's handle on the worker: posts requests, stops the thread when dropped.
 pub struct VhostUserModel {
     id: String,
@@ -146,6 +150,8 @@ pub enum FrontendError {
     },
     #[error(transparent)]
     Transport(#[from] VirtioPciError),
+    #[error("device '{id}': {count} MSI-X vectors (need 1..={MAX_MSIX_VECTORS}: the table has 256 entries in its page of the BAR)")]
+    VectorCount { id: String, count: u16 },
     #[error("device '{id}': {num_queues} queues of {queue_size} entries (need 1..=64 queues, a power-of-two size up to 32768)")]
     Shape { id: String, num_queues: u16, queue_size: u16 },
 }
@@ -229,9 +235,14 @@ pub fn build_function(
     {
         return Err(FrontendError::Shape { id, num_queues: dev.num_queues, queue_size: dev.queue_size });
     }
-    // One vector per queue and one for configuration changes, as QEMU sizes it.
-    let mut vectors = Vec::with_capacity(dev.num_queues as usize + 1);
-    for _ in 0..=dev.num_queues {
+    // One vector per queue and one for configuration changes, as QEMU sizes it, unless the
+    // device was given its count (`vectors=`); a driver shares what there is.
+    let count = dev.msix_vectors.unwrap_or(dev.num_queues + 1);
+    if count == 0 || count > MAX_MSIX_VECTORS {
+        return Err(FrontendError::VectorCount { id, count });
+    }
+    let mut vectors = Vec::with_capacity(count as usize);
+    for _ in 0..count {
         match lock(m.irq).allocate_msi() {
             Ok(v) => vectors.push(v),
             Err(source) => {
