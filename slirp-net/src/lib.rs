@@ -7,6 +7,21 @@
 //! to another process (netd) across fork/exec. A reader that falls behind loses frames (counted in
 //! [`SlirpNetStats`]); libslirp's thread never waits on it.
 //!
+//! ```no_run
+//! use slirp_net::{parse_netdev_user, SlirpNet};
+//!
+//! // `-netdev user,id=n0,hostfwd=tcp::2222-:22,restrict=on`, the type already stripped or not.
+//! let netdev = parse_netdev_user("user,id=n0,hostfwd=tcp::2222-:22,restrict=on")?;
+//! let (net, frames) = SlirpNet::spawn(netdev.config)?;
+//! // Hand `frames` to netd (clear FD_CLOEXEC if it is exec'd), keep `net` alive while the VM runs;
+//! // `net.stats()` counts what was dropped.
+//! # drop((net, frames));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! The peer should write with MSG_DONTWAIT and drop on EAGAIN too if it must never wait: libslirp's
+//! thread reads at most 64 frames per loop round between servicing host sockets.
+//!
 //! IPv4 only: IPv6 (QEMU's `ipv6=on` default) is off. The embedding process must ignore SIGPIPE, as
 //! QEMU does (Rust binaries do by default): libslirp writes to host sockets a peer may have closed.
 

@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::frames::*;
@@ -141,4 +141,54 @@ fn restricted_guest_reaches_neither_the_host_nor_the_outside() {
         other => panic!("the host service was reached despite restrict=on: {other:?}"),
     }
     assert!(net.is_running());
+}
+
+#[test]
+fn dns_to_the_virtual_server_is_forwarded_to_the_hosts_resolver() {
+    if !in_private_netns_with_resolver(
+        "dns_to_the_virtual_server_is_forwarded_to_the_hosts_resolver",
+        Some(Ipv4Addr::LOCALHOST),
+    ) {
+        return;
+    }
+    // The host's "resolver": whatever arrives on 127.0.0.1:53 is answered with a fixed payload.
+    let resolver = UdpSocket::bind("127.0.0.1:53").unwrap();
+    resolver.set_read_timeout(Some(BOUND)).unwrap();
+    let (_net, fd) = SlirpNet::spawn(parse_netdev_user("").unwrap().config).unwrap();
+    let mut guest = Guest::new(fd);
+    let dns = Ipv4Addr::new(10, 0, 2, 3);
+    let query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01";
+    guest.send(&ethernet(slirp_mac(dns), GUEST_MAC, ETH_IPV4, &udp(GUEST_IP, 5353, dns, 53, query)));
+    let mut buf = [0u8; 512];
+    let (len, from) = resolver.recv_from(&mut buf).expect("the query reaches the host's resolver");
+    assert_eq!(&buf[..len], query);
+    resolver.send_to(b"answer", from).unwrap();
+    let (src, sport, payload) = guest.expect("the DNS answer", |frame| {
+        let ip = parse_ipv4(frame).filter(|ip| ip.protocol == PROTO_UDP && ip.dst == GUEST_IP)?;
+        let u = ip.payload;
+        let dport = u16::from_be_bytes([u[2], u[3]]);
+        (dport == 5353).then(|| (ip.src, u16::from_be_bytes([u[0], u[1]]), u[8..].to_vec()))
+    });
+    assert_eq!((src, sport), (dns, 53), "the answer comes from the virtual DNS server");
+    assert_eq!(payload, b"answer");
+}
+
+#[test]
+fn udp_hostfwd_delivers_a_host_datagram_to_the_guest() {
+    if !in_private_netns("udp_hostfwd_delivers_a_host_datagram_to_the_guest") {
+        return;
+    }
+    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = parse_netdev_user(&format!("hostfwd=udp:127.0.0.1:{port}-:5000")).unwrap().config;
+    let (_net, fd) = SlirpNet::spawn(config).unwrap();
+    let mut guest = Guest::new(fd);
+    guest.arp_round_trip();
+    let host = UdpSocket::bind("127.0.0.1:0").unwrap();
+    host.send_to(b"datagram", ("127.0.0.1", port)).unwrap();
+    let payload = guest.expect("the forwarded datagram", |frame| {
+        let ip = parse_ipv4(frame).filter(|ip| ip.protocol == PROTO_UDP && ip.dst == GUEST_IP)?;
+        let u = ip.payload;
+        (u16::from_be_bytes([u[2], u[3]]) == 5000).then(|| u[8..].to_vec())
+    });
+    assert_eq!(payload, b"datagram");
 }

@@ -92,17 +92,34 @@ const IN_NETNS: &str = "SLIRP_NET_TEST_IN_NETNS";
 /// interface: nothing can leave the machine) and asserts it passed there. Returns true when already
 /// inside, where the caller runs the test's body; false outside, where the caller returns.
 pub fn in_private_netns(name: &str) -> bool {
+    in_private_netns_with_resolver(name, None)
+}
+
+/// As [`in_private_netns`], and with `nameserver` the only resolver in /etc/resolv.conf there (a
+/// private mount namespace bind-mounts a file over it), so libslirp forwards DNS to it.
+pub fn in_private_netns_with_resolver(name: &str, nameserver: Option<Ipv4Addr>) -> bool {
     if std::env::var_os(IN_NETNS).is_some() {
         return true;
     }
+    let mut script = "ip link set lo up".to_owned();
+    let mut unshare = vec!["--net"];
+    let resolv_conf = std::env::temp_dir().join(format!("slirp-net-test-{}-{name}.resolv.conf", std::process::id()));
+    if let Some(nameserver) = nameserver {
+        std::fs::write(&resolv_conf, format!("nameserver {nameserver}\n")).unwrap();
+        unshare.push("--mount");
+        script += &format!(" && mount --bind '{}' /etc/resolv.conf", resolv_conf.display());
+    }
+    script += " && exec \"$0\" \"$@\"";
     let exe = std::env::current_exe().unwrap();
     let output = Command::new("unshare")
-        .args(["--net", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .args(&unshare)
+        .args(["sh", "-c", &script])
         .arg(exe)
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env(IN_NETNS, "1")
         .output()
         .expect("run unshare (util-linux)");
+    let _ = std::fs::remove_file(&resolv_conf);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
