@@ -304,6 +304,13 @@ impl QueueRegion {
         self.set_inflight(head, true);
     }
 
+    /// A chain completed as part of a batch whose used idx is not yet published, cleared
+    /// before it is ([`crate::queue::TrackedQueue::add_used_batch`]): a backend killed in
+    /// between loses it (the driver never gets it back) instead of completing it twice.
+    pub fn clear(&self, head: u16) {
+        self.set_inflight(head, false);
+    }
+
     /// Before the used ring's idx is published: the batch's head (one element per batch).
     pub fn pre_put(&self, head: u16) {
         self.part().u16_at(OFF_LAST_BATCH_HEAD).store(head, Ordering::Release);

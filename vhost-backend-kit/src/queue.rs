@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserInflight;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::inflight::{InflightError, QueueRegion, Recovery, Region};
 
@@ -270,6 +270,69 @@ impl TrackedQueue {
             }
         }
         st.in_flight = st.in_flight.saturating_sub(1);
+        self.idle.notify_all();
+        added
+    }
+
+    /// Puts several taken chains in the used ring with one update of its index, so the driver
+    /// sees all of them or none: virtio-net's merged receive buffers, whose first buffer
+    /// announces how many follow (a driver that found only the first would drop the frame
+    /// and take the others for frames of their own). `mem` is the ring's guest memory.
+    /// Inflight: every record but the last is cleared before the index moves, the last as
+    /// [`Self::add_used`] does (the spec keeps one `last_batch_head`); a backend killed in
+    /// between leaves those buffers with neither side, never completes one twice.
+    /// With EVENT_IDX, `needs_notification` counts the batch as one element: a caller
+    /// decides on interrupts from the used index before and after (see `used_event`).
+    /// Returns whether the batch was added; false (nothing added) for chains of an earlier
+    /// ring start, a closed connection or a used ring outside `mem`.
+    pub fn add_used_batch<M: GuestMemory>(&self, vring: &VringRwLock, mem: &M, items: &[(Ticket, u32)]) -> bool {
+        let Some((&(last, last_len), first)) = items.split_last() else { return true };
+        let mut st = lock(&self.state);
+        if st.closed || items.iter().any(|(t, _)| t.generation != st.generation) {
+            return false;
+        }
+        let start = {
+            let mut state = vring.get_mut();
+            let q = state.get_queue_mut();
+            let (size, used, start) = (q.size(), q.used_ring(), q.next_used());
+            for (i, (t, len)) in first.iter().enumerate() {
+                let slot = start.wrapping_add(i as u16) % size.max(1);
+                // struct virtq_used_elem: le32 id, le32 len.
+                let mut elem = [0u8; 8];
+                elem[..4].copy_from_slice(&u32::from(t.head).to_le_bytes());
+                elem[4..].copy_from_slice(&len.to_le_bytes());
+                let written = used
+                    .checked_add(4 + 8 * u64::from(slot))
+                    .is_some_and(|at| mem.write_slice(&elem, GuestAddress(at)).is_ok());
+                if t.head >= size || !written {
+                    tracing::warn!(queue = self.index, head = t.head, "adding a used entry of a batch failed");
+                    return false;
+                }
+            }
+            q.set_next_used(start.wrapping_add(first.len() as u16));
+            start
+        };
+        if let Some(r) = &st.region {
+            for (t, _) in first {
+                r.clear(t.head);
+            }
+            r.pre_put(last.head);
+        }
+        // The last element publishes the index, past the whole batch.
+        let added = match vring.add_used(last.head, last_len) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(queue = self.index, head = last.head, "adding a used entry: {e:?}");
+                vring.get_mut().get_queue_mut().set_next_used(start);
+                false
+            }
+        };
+        if added {
+            if let Some(r) = &st.region {
+                r.post_put(last.head, vring.get_ref().get_queue().next_used());
+            }
+        }
+        st.in_flight = st.in_flight.saturating_sub(items.len());
         self.idle.notify_all();
         added
     }
