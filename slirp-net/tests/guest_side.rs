@@ -52,6 +52,15 @@ fn dhcp_follows_a_configured_network() {
 }
 
 #[test]
+fn dhcp_still_answers_under_restrict() {
+    let (_net, fd) = SlirpNet::spawn(slirp_net::parse_netdev_user("restrict=on").unwrap().config).unwrap();
+    let mut guest = Guest::new(fd);
+    guest.send(&dhcp_discover_frame(GUEST_MAC, 11));
+    let offer = guest.expect("DHCPOFFER", |frame| parse_dhcp(frame).filter(|d| d.xid == 11));
+    assert_eq!(offer.yiaddr, GUEST_IP);
+}
+
+#[test]
 fn arp_for_the_host_and_the_dns_server_is_answered() {
     let (_net, mut guest) = spawn_default();
     for target in [HOST_IP, Ipv4Addr::new(10, 0, 2, 3)] {
