@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! qmp-gateway --dbus-address ADDR --instance NAME --qmp SPEC [--qmp SPEC]...
-//!             [--daemon NAME]... [--call-timeout SECONDS]
+//!             [--daemon NAME]... [--call-timeout SECONDS] [--nic JSON]...
 //! ```
+//!
+//! `--nic` describes one NIC for `info network` ([`crate::hmp_net::Nic`]).
 //!
 //! `SPEC` is QEMU's `-qmp` chardev text for a listening socket: `unix:PATH,server,nowait`,
 //! `unix:PATH,server=on,wait=off`, `tcp:HOST:PORT,server,nowait` (an empty HOST is
@@ -41,12 +43,14 @@ pub struct Config {
     /// Daemons the launcher configured for this VM (vmm-core always is).
     pub daemons: Vec<String>,
     pub call_timeout: Duration,
+    /// `--nic`: the VM's NICs, for `info network`.
+    pub nics: Vec<crate::hmp_net::Nic>,
 }
 
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub const USAGE: &str = "usage: qmp-gateway --dbus-address ADDR --instance NAME --qmp SPEC [--qmp SPEC]...
-                   [--daemon vmm-core|blockd|netd|displayd|balloond]... [--call-timeout SECONDS]
+                   [--daemon vmm-core|blockd|netd|displayd|balloond]... [--call-timeout SECONDS] [--nic JSON]...
   SPEC: unix:PATH,server,nowait | unix:PATH,server=on,wait=off | tcp:[HOST]:PORT,server,nowait
   (normally started by the flotilla launcher)";
 
@@ -142,6 +146,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Config, CliError>
     let mut qmp = Vec::new();
     let mut daemons = Vec::new();
     let mut call_timeout = DEFAULT_CALL_TIMEOUT;
+    let mut nics = Vec::new();
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
             return Err(CliError::Help);
@@ -163,6 +168,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Config, CliError>
                 }
                 daemons.push(d);
             }
+            "--nic" => nics.push(crate::hmp_net::parse_nic(&value()?).map_err(CliError::Usage)?),
             "--call-timeout" => {
                 let v = value()?;
                 let secs: f64 =
@@ -179,7 +185,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Config, CliError>
     if qmp.is_empty() {
         return Err(CliError::Usage("at least one --qmp is required".into()));
     }
-    Ok(Config { dbus_address, instance, qmp, daemons, call_timeout })
+    Ok(Config { dbus_address, instance, qmp, daemons, call_timeout, nics })
 }
 
 #[cfg(test)]
@@ -257,6 +263,13 @@ mod tests {
             matches!(args(&["--dbus-address", "a", "--instance", "x"]), Err(CliError::Usage(m)) if m.contains("--qmp"))
         );
         assert!(matches!(args(&["--daemon", "nosuchd"]), Err(CliError::Usage(m)) if m.contains("nosuchd")));
+        let nic = r#"{"name":"nic0","model":"virtio-net-pci","macaddr":"52:54:00:12:34:56","peer":{"name":"n0","type":"user","info":"net=10.0.2.0,restrict=off"}}"#;
+        let base = ["--dbus-address", "unix:path=/b", "--instance", "v", "--qmp", "unix:/a,server,nowait"];
+        let c = args(&[&base[..], &["--nic", nic]].concat()).unwrap();
+        assert_eq!((c.nics.len(), c.nics[0].name.as_str(), c.nics[0].queues), (1, "nic0", 1));
+        assert!(
+            matches!(args(&[&base[..], &["--nic", "{}"]].concat()), Err(CliError::Usage(m)) if m.starts_with("--nic: not a NIC description"))
+        );
         assert!(matches!(args(&["--bogus"]), Err(CliError::Usage(m)) if m.contains("--bogus")));
         assert!(matches!(args(&["--instance"]), Err(CliError::Usage(m)) if m.contains("needs a value")));
     }

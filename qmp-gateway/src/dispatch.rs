@@ -31,6 +31,8 @@ pub struct Gateway {
     bus: Bus,
     monitors: Vec<Arc<Monitor>>,
     call_timeout: Duration,
+    /// The NICs, for `info network`.
+    nics: Vec<crate::hmp_net::Nic>,
 }
 
 /// `qmp_capabilities` is no schema command; QEMU 1.1 listed it in `query-commands`.
@@ -38,7 +40,13 @@ const CAPABILITIES: &str = "qmp_capabilities";
 
 impl Gateway {
     pub fn new(bus: Bus, monitors: Vec<Arc<Monitor>>, call_timeout: Duration) -> Self {
-        Gateway { bus, monitors, call_timeout }
+        Gateway { bus, monitors, call_timeout, nics: Vec::new() }
+    }
+
+    /// The NICs the launcher described (`--nic`).
+    pub fn with_nics(mut self, nics: Vec<crate::hmp_net::Nic>) -> Self {
+        self.nics = nics;
+        self
     }
 
     /// A schema-checked command other than `human-monitor-command`.
@@ -214,6 +222,10 @@ impl hmp::Qmp for Gateway {
         };
         let cmd = check::check_command(name, Some(&Value::Object(args.clone()))).map_err(|e| e.to_qmp())?;
         self.dispatch(cmd, &args).await
+    }
+
+    fn nics(&self) -> &[crate::hmp_net::Nic] {
+        &self.nics
     }
 }
 

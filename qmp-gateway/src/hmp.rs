@@ -18,12 +18,16 @@ use std::future::Future;
 use flotilla_schema::check::QmpError;
 use serde_json::{json, Value};
 
-use crate::hmp_devices;
 use crate::qerror;
+use crate::{hmp_devices, hmp_net};
 
 /// Running QMP commands for HMP.
 pub trait Qmp: Sync {
     fn qmp(&self, name: &str, args: Value) -> impl Future<Output = Result<Value, QmpError>> + Send;
+    /// The VM's NICs for `info network` (no QMP command of 1.1 lists them).
+    fn nics(&self) -> &[hmp_net::Nic] {
+        &[]
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +44,7 @@ enum Cmd {
     Nmi,
     Memsave,
     Pmemsave,
+    SetLink,
 }
 
 /// Top-level commands: names (`|`-separated aliases), QEMU's `args_type`, `params` and help
@@ -66,6 +71,7 @@ const COMMANDS: &[(&str, &str, Cmd, &str, &str)] = &[
         "save to disk physical memory dump starting at 'addr' of size 'size'",
     ),
     ("q|quit", "", Cmd::Quit, "", "quit the emulator"),
+    ("set_link", "name:s,up:b", Cmd::SetLink, "name on|off", "change the link status of a network adapter"),
     ("stop|s", "", Cmd::Stop, "", "stop emulation"),
     ("system_powerdown", "", Cmd::SystemPowerdown, "", "send system power down event"),
     ("system_reset", "", Cmd::SystemReset, "", "reset the system"),
@@ -81,6 +87,7 @@ const INFO: &[(&str, &str)] = &[
     ("kvm", "show KVM information"),
     ("mice", "show which guest mouse is receiving events"),
     ("name", "show the current VM name"),
+    ("network", "show the network state"),
     ("pci", "show PCI info"),
     ("status", "show the current VM status (running|paused)"),
     ("uuid", "show the current VM UUID"),
@@ -326,6 +333,20 @@ fn parse_args(cmd_name: &str, args_type: &str, s: &[u8], p: &mut usize) -> Resul
                 out.push(Arg::Int(v as i64));
             }
             "B?" if skip_spaces(s, *p) == s.len() => {}
+            "b" => {
+                // QEMU's 'b': exactly `on` or `off`.
+                let start = skip_spaces(s, *p);
+                let mut end = start;
+                while end < s.len() && s[end].is_ascii_graphic() {
+                    end += 1;
+                }
+                *p = end;
+                match &s[start..end] {
+                    b"on" => out.push(Arg::Int(1)),
+                    b"off" => out.push(Arg::Int(0)),
+                    _ => return Err("Expected 'on' or 'off'\n".to_string()),
+                }
+            }
             "s" | "B" | "B?" => match get_str(s, p) {
                 Some(v) => out.push(Arg::Str(v)),
                 None if ty == "s" => return Err(format!("{cmd_name}: string expected\n")),
@@ -406,6 +427,9 @@ async fn run_line<Q: Qmp>(q: &Q, line: &str, cpu: i64) -> String {
             q.qmp("pmemsave", json!({"val": val, "size": size, "filename": file})).await
         }
         (Cmd::Balloon, [Arg::Int(value)]) => q.qmp("balloon", json!({"value": value})).await,
+        (Cmd::SetLink, [Arg::Str(name), Arg::Int(up)]) => {
+            q.qmp("set_link", json!({"name": name, "up": *up != 0})).await
+        }
         (Cmd::BlockResize, [Arg::Str(device), Arg::Int(size)]) => {
             q.qmp("block_resize", json!({"device": device, "size": size})).await
         }
@@ -434,6 +458,9 @@ fn help(args: &str) -> String {
 }
 
 async fn info<Q: Qmp>(q: &Q, sub: &str, cpu: i64, device: Option<&str>) -> String {
+    if sub == "network" {
+        return hmp_net::info_network(q.nics());
+    }
     let command = match sub {
         "balloon" => "query-balloon",
         "block" => "query-block",
@@ -829,6 +856,51 @@ mod tests {
         assert_eq!(
             hmp_with(&nb, "info balloon", None),
             "Error: Invalid addr 0x0000000000000000/size 4096 specified\r\n"
+        );
+    }
+
+    #[test]
+    fn set_link_and_info_network() {
+        let f = Fake { calls: Mutex::new(Vec::new()), fail: Some("set_link") };
+        let ok = fake();
+        let last = |f: &Fake| f.calls.lock().unwrap().last().unwrap().clone();
+        assert_eq!(hmp_with(&ok, "set_link nic0 off", None), "");
+        assert_eq!(last(&ok), ("set_link".to_string(), json!({"name": "nic0", "up": false})));
+        assert_eq!(hmp_with(&ok, "set_link \"net0\" on", None), "");
+        assert_eq!(last(&ok), ("set_link".to_string(), json!({"name": "net0", "up": true})));
+        // The daemon's error (DeviceNotFound for an unknown name) prints as HMP prints errors.
+        assert_eq!(
+            hmp_with(&f, "set_link nosuch on", None),
+            "Error: Invalid addr 0x0000000000000000/size 4096 specified\r\n"
+        );
+        assert_eq!(
+            hmp("set_link nic0 maybe"),
+            "Expected 'on' or 'off'\r\nTry \"help set_link\" for more information\r\n"
+        );
+        assert_eq!(hmp("set_link nic0"), "Expected 'on' or 'off'\r\nTry \"help set_link\" for more information\r\n");
+        assert_eq!(hmp("set_link"), "set_link: string expected\r\nTry \"help set_link\" for more information\r\n");
+        assert_eq!(hmp("help set_link"), "set_link name on|off -- change the link status of a network adapter\r\n");
+        // No NICs: nothing, as QEMU with none.
+        assert_eq!(hmp("info network"), "");
+        assert_eq!(hmp("help info network"), "info network  -- show the network state\r\n");
+        struct WithNics(Fake, Vec<hmp_net::Nic>);
+        impl Qmp for WithNics {
+            async fn qmp(&self, name: &str, args: Value) -> Result<Value, QmpError> {
+                self.0.qmp(name, args).await
+            }
+            fn nics(&self) -> &[hmp_net::Nic] {
+                &self.1
+            }
+        }
+        let nic = hmp_net::parse_nic(
+            r#"{"name":"nic0","model":"virtio-net-pci","macaddr":"52:54:00:12:34:56","peer":{"name":"net0","type":"user","info":"net=10.0.2.0,restrict=on"}}"#,
+        )
+        .unwrap();
+        let w = WithNics(fake(), vec![nic]);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert_eq!(
+            rt.block_on(run(&w, "info network", None)).unwrap(),
+            "nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n \\ net0: index=0,type=user,net=10.0.2.0,restrict=on\r\n"
         );
     }
 

@@ -15,6 +15,7 @@
 //! | [`dispatch`] | routing a command: the gateway's own, a daemon's, or QEMU's answer without it |
 //! | [`fallback`] | QEMU's answers for a VM without a given daemon |
 //! | [`hmp`] | `human-monitor-command`'s HMP subset |
+//! | [`hmp_net`] | `info network`, from the NICs the launcher describes (`--nic`) |
 
 pub mod bus;
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod dispatch;
 pub mod fallback;
 pub mod hmp;
 pub mod hmp_devices;
+pub mod hmp_net;
 pub mod listen;
 pub mod qerror;
 pub mod reply;
@@ -61,7 +63,8 @@ pub async fn run(config: cli::Config) -> Result<(), GatewayError> {
         listeners.push((l, m.clone()));
         monitors.push(m);
     }
-    let gateway = Arc::new(dispatch::Gateway::new(bus.clone(), monitors, config.call_timeout));
+    let gateway =
+        Arc::new(dispatch::Gateway::new(bus.clone(), monitors, config.call_timeout).with_nics(config.nics.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     for (l, m) in listeners {
         tasks.spawn(listen::serve(l, m, gateway.clone(), session::SessionConfig::default()));

@@ -364,6 +364,47 @@ fn a_second_daemon_routes_events_and_goes_down_cleanly() {
 }
 
 #[test]
+fn set_link_goes_to_netd_and_info_network_shows_the_nics() {
+    let nic = r#"{"name":"nic0","model":"virtio-net-pci","macaddr":"52:54:00:12:34:56","peer":{"name":"net0","type":"tap","info":"ifname=tap0,script=no,downscript=no"}}"#;
+    let vm = Vm::start_with("net", &["--daemon", "netd", "--nic", nic]);
+    let mut c = vm.gateway.unix();
+    c.negotiate();
+    // Declared but not yet there: a clear error, not the canned "no such device".
+    let r = c.execute("set_link", json!({"name": "nic0", "up": false}));
+    assert!(desc(&r).contains("netd daemon is not available"), "{r}");
+    let net = Arc::new(common::MockNet::default());
+    let _daemon = common::start_net(&vm.bus.address, &vm.instance, net.clone());
+    wait_for("netd seen", || {
+        let r = c.execute("set_link", json!({"name": "nic0", "up": false}));
+        r.get("return").is_some().then_some(())
+    });
+    assert_eq!(net.links.lock().unwrap().last().cloned(), Some(("nic0".to_string(), false)));
+    // errors/set_link-unknown-device.txt: netd's answer passes through.
+    let r = c.execute("set_link", json!({"name": "nosuch", "up": true}));
+    assert_eq!((class(&r), desc(&r)), ("DeviceNotFound", "Device 'nosuch' not found"));
+    // HMP: set_link by netdev name, and info network.
+    let r = c.execute("human-monitor-command", json!({"command-line": "set_link net0 on"}));
+    assert_eq!(r, json!({"return": ""}));
+    assert_eq!(net.links.lock().unwrap().last().cloned(), Some(("net0".to_string(), true)));
+    let r = c.execute("human-monitor-command", json!({"command-line": "info network"}));
+    assert_eq!(
+        r,
+        json!({"return": "nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n \\ net0: index=0,type=tap,ifname=tap0,script=no,downscript=no\r\n"})
+    );
+}
+
+#[test]
+fn without_netd_set_link_finds_no_device() {
+    let vm = Vm::start("no-net");
+    let mut c = vm.gateway.unix();
+    c.negotiate();
+    let r = c.execute("set_link", json!({"name": "nic0", "up": false}));
+    assert_eq!((class(&r), desc(&r)), ("DeviceNotFound", "Device 'nic0' not found"));
+    let r = c.execute("human-monitor-command", json!({"command-line": "info network"}));
+    assert_eq!(r, json!({"return": ""}));
+}
+
+#[test]
 fn a_declared_daemon_is_down_until_it_appears() {
     let vm = Vm::start_with("declared", &["--daemon", "balloond"]);
     let mut c = vm.gateway.unix();

@@ -14,9 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use flotilla_schema::check::QmpError;
-use flotilla_schema::commands::{BalloonArgs, MemsaveArgs, PmemsaveArgs};
+use flotilla_schema::commands::{BalloonArgs, MemsaveArgs, PmemsaveArgs, SetLinkArgs};
 use flotilla_schema::dbus::{bus_name, object_path};
-use flotilla_schema::dbus_server::{self, Balloon1, Balloon1Handler, Exported, VmmCore1, VmmCore1Handler};
+use flotilla_schema::dbus_server::{
+    self, Balloon1, Balloon1Handler, Exported, Net1, Net1Handler, VmmCore1, VmmCore1Handler,
+};
 use flotilla_schema::types::{
     BalloonInfo, ChardevInfo, CpuInfo, KvmInfo, MigrationInfo, NameInfo, PciInfo, StatusInfo, UuidInfo, VersionInfo,
 };
@@ -344,6 +346,31 @@ pub fn start_balloon(address: &str, instance: &str, b: Arc<MockBalloon>) -> Mock
         let conn = dbus_server::serve(&address, &name, &object_path("Balloon"), iface).await.expect("serve balloond");
         *b.conn.lock().unwrap() = Some(conn.clone());
         conn
+    })
+}
+
+/// netd: one NIC `nic0` on netdev `net0`; set_link records the state, other names are
+/// DeviceNotFound as netd answers them.
+#[derive(Default)]
+pub struct MockNet {
+    pub links: Mutex<Vec<(String, bool)>>,
+}
+
+impl Net1Handler for MockNet {
+    async fn set_link(&self, args: SetLinkArgs) -> Result<(), QmpError> {
+        if args.name != "nic0" && args.name != "net0" {
+            return Err(QmpError::new("DeviceNotFound", format!("Device '{}' not found", args.name)));
+        }
+        self.links.lock().unwrap().push((args.name, args.up));
+        Ok(())
+    }
+}
+
+pub fn start_net(address: &str, instance: &str, n: Arc<MockNet>) -> MockDaemon {
+    let (address, name) = (address.to_string(), bus_name(instance, "Net"));
+    MockDaemon::run(move || async move {
+        let iface = Exported::new(Net1::new(n), &["set_link"]).expect("set_link");
+        dbus_server::serve(&address, &name, &object_path("Net"), iface).await.expect("serve netd")
     })
 }
 
