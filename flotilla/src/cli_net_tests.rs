@@ -317,3 +317,37 @@ fn help_lists_the_network_options() {
         assert!(h.contains(o), "help lacks {o}:\n{h}");
     }
 }
+
+#[test]
+fn what_info_network_is_told() {
+    use crate::net_opts::gateway_nic_args;
+    let d = devs(&[
+        "-netdev",
+        "tap,id=n0,ifname=tap0,script=no,downscript=no",
+        "-device",
+        "virtio-net-pci,netdev=n0,id=nic0",
+        "-netdev",
+        "user,id=u0,net=10.0.3.0/24,restrict=on",
+        "-device",
+        "virtio-net-pci,netdev=u0",
+        "-net",
+        "nic,model=virtio,vlan=2",
+        "-net",
+        "user,vlan=2",
+    ]);
+    let a = gateway_nic_args(&d.net, &d.nics, &[]);
+    assert_eq!(a.len(), 6);
+    assert!(a.iter().step_by(2).all(|x| x == "--nic"));
+    let v: Vec<serde_json::Value> = a.iter().skip(1).step_by(2).map(|j| serde_json::from_str(j).unwrap()).collect();
+    assert_eq!(
+        v[0],
+        serde_json::json!({"name": "nic0", "model": "virtio-net-pci", "macaddr": "52:54:00:12:34:56", "queues": 1,
+            "hub": null, "peer": {"name": "n0", "type": "tap", "info": "ifname=tap0,script=no,downscript=no"}})
+    );
+    assert_eq!(v[1]["peer"]["info"], "net=10.0.3.0,restrict=on");
+    assert_eq!((v[2]["name"].as_str(), v[2]["hub"].as_u64()), (Some("virtio-net-pci.1"), Some(2)));
+    assert_eq!(v[2]["peer"], serde_json::json!({"name": "user.0", "type": "user", "info": "net=10.0.2.0,restrict=off"}));
+    let d = devs(&["-chardev", "socket,id=c0,path=/x", "-netdev", "vhost-user,id=v,chardev=c0", "-device", "virtio-net-pci,netdev=v"]);
+    let a = gateway_nic_args(&d.net, &d.nics, &[]);
+    assert!(a[1].contains(r#""info":"vhost-user{q} to c0""#), "{}", a[1]);
+}

@@ -483,6 +483,44 @@ impl NetSet {
     }
 }
 
+/// QEMU's `info_str` of a host side: `ifname=tap0,script=no,downscript=no` (or `fd=N`),
+/// `net=10.0.2.0,restrict=off`, `vhost-user{q} to CHARDEV` (`{q}`: the queue, filled in by the
+/// gateway). `ifname` is the tap's real name when the launcher opened it.
+pub fn info_str(kind: &NetdevKind, ifname: Option<&str>) -> String {
+    match kind {
+        NetdevKind::Tap { fd: Some(fd), .. } => format!("fd={fd}"),
+        NetdevKind::Tap { ifname: asked, .. } => {
+            let name = ifname.or(asked.as_deref()).unwrap_or_default();
+            format!("ifname={name},script=no,downscript=no")
+        }
+        NetdevKind::User { restrict, net, .. } => {
+            let addr = net.as_deref().map_or("10.0.2.0", |n| n.split('/').next().unwrap_or(n));
+            format!("net={addr},restrict={}", if *restrict { "on" } else { "off" })
+        }
+        NetdevKind::VhostUser { chardev, .. } => format!("vhost-user{{q}} to {chardev}"),
+    }
+}
+
+/// The gateway's `--nic` values (qmp-gateway's `hmp_net::Nic`, for `info network`).
+pub fn gateway_nic_args(set: &NetSet, nics: &[NicSpec], taps: &[crate::tap::NicTap]) -> Vec<String> {
+    let mut args = Vec::new();
+    for n in nics {
+        let Some(d) = set.netdev_of(n) else { continue };
+        let ifname = taps.iter().find(|t| t.nic == n.name).map(|t| t.queues.ifname.as_str());
+        let v = serde_json::json!({
+            "name": n.name,
+            "model": "virtio-net-pci",
+            "macaddr": format_mac(&n.mac),
+            "queues": n.queue_pairs,
+            "hub": d.vlan,
+            "peer": {"name": d.id, "type": d.kind.type_name(), "info": info_str(&d.kind, ifname)},
+        });
+        args.push("--nic".to_string());
+        args.push(v.to_string());
+    }
+    args
+}
+
 /// What the help and errors list.
 pub const NET_FORMS: &str = "flotilla supports -netdev tap|user|vhost-user and -net nic|tap|user|none";
 

@@ -10,7 +10,7 @@
 //! 3. `vmm-core --config-json '<json>' --dbus-address ADDR --instance NAME --ready-fd FD`, which
 //!    says `ready` on FD once the machine is built and its bus name owned;
 //! 4. with `-qmp`, then: `qmp-gateway --dbus-address ADDR --instance NAME --qmp SPEC...
-//!    [--daemon blockd] [--daemon balloond]` (one `--qmp` per socket, see
+//!    [--daemon blockd] [--daemon balloond] [--daemon netd] [--nic JSON]...` (one `--qmp` per socket, see
 //!    `QmpSocket::gateway_spec`). A gateway that exits is started again after a delay that
 //!    doubles from 100 ms up to 5 s (back to 100 ms after a run of 10 s; `restart.rs`).
 //!
@@ -355,7 +355,9 @@ fn run_vm(
     let mut bus = PrivateBus::start(runtime.path())?;
     let mut daemons = DeviceDaemons::start(&plan, bins, &bus.address, &instance, &signals, opts.daemonize)?;
     let mut gateway = gateway_bin.map(|bin| {
-        gateway(bin, &bus.address, &instance, &opts.qmp, DeviceDaemons::gateway_args(&plan)).pipe_stderr(false)
+        let mut extra = DeviceDaemons::gateway_args(&plan);
+        extra.extend(crate::net_opts::gateway_nic_args(&opts.devices.net, &opts.devices.nics, taps));
+        gateway(bin, &bus.address, &instance, &opts.qmp, extra).pipe_stderr(false)
     });
     let (mut ready, ready_w) = ReadyPipe::new().map_err(LaunchError::Pipe)?;
     let ready_fd = ready_w.as_raw_fd();
