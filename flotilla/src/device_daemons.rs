@@ -226,7 +226,7 @@ mod tests {
         let mut s = DeviceSet::default();
         s.drive("file=/img,if=virtio,format=raw").expect("drive");
         s.finish().expect("finish");
-        plan(&s, &[DriveFormat::Raw], &[], rt, 1 << 30)
+        plan(&s, &[DriveFormat::Raw], &[], &[], rt, 1 << 30)
     }
 
     fn scratch(tag: &str) -> PathBuf {
@@ -303,7 +303,7 @@ mod tests {
     fn nothing_started_without_drives_or_balloon() {
         let mut s = DeviceSet::default();
         s.finish().expect("finish");
-        let p = plan(&s, &[], &[], Path::new("/nonexistent"), 1 << 30);
+        let p = plan(&s, &[], &[], &[], Path::new("/nonexistent"), 1 << 30);
         let d = DeviceDaemons::start(
             &p,
             &Binaries { blockd: None, balloond: None, netd: None },

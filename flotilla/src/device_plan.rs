@@ -51,7 +51,15 @@ pub fn nic_socket(runtime: &Path, name: &str) -> PathBuf {
 
 /// Builds the plan; `formats` are the drives' formats (`drive_files::check_all`), in
 /// `set.drives` order; `taps` the NICs' opened taps (`tap::open_all`).
-pub fn plan(set: &DeviceSet, formats: &[DriveFormat], taps: &[NicTap], runtime: &Path, mem_bytes: u64) -> DevicePlan {
+/// `frames` the user networks' frame sockets (`user_net::start_all`) by NIC name.
+pub fn plan(
+    set: &DeviceSet,
+    formats: &[DriveFormat],
+    taps: &[NicTap],
+    frames: &[(String, std::os::fd::RawFd)],
+    runtime: &Path,
+    mem_bytes: u64,
+) -> DevicePlan {
     let mut devices = Vec::with_capacity(set.devices.len());
     let mut balloond = None;
     for d in &set.devices {
@@ -80,7 +88,7 @@ pub fn plan(set: &DeviceSet, formats: &[DriveFormat], taps: &[NicTap], runtime: 
             msix_vectors: d.msix_vectors,
         });
     }
-    let netd = set.has_netd().then(|| netd_config(set, taps, runtime));
+    let netd = set.has_netd().then(|| netd_config(set, taps, frames, runtime));
     let blockd = set.has_drives().then(|| BlockdConfig {
         drives: set
             .drives
@@ -109,7 +117,12 @@ pub fn plan(set: &DeviceSet, formats: &[DriveFormat], taps: &[NicTap], runtime: 
 
 /// What netd serves: every NIC on a tap (its descriptors, as netd inherits them) or on user
 /// networking (libslirp in netd, with the `-netdev user` options).
-fn netd_config(set: &DeviceSet, taps: &[NicTap], runtime: &Path) -> NetdConfig {
+fn netd_config(
+    set: &DeviceSet,
+    taps: &[NicTap],
+    frames: &[(String, std::os::fd::RawFd)],
+    runtime: &Path,
+) -> NetdConfig {
     use std::os::fd::AsRawFd;
     let mut nics = Vec::new();
     for nic in &set.nics {
@@ -132,7 +145,7 @@ fn netd_config(set: &DeviceSet, taps: &[NicTap], runtime: &Path) -> NetdConfig {
                 },
             },
             NetdevKind::User { restrict, hostfwd, net } => NetBackendConfig::User {
-                socket_fd: None,
+                socket_fd: frames.iter().find(|(n, _)| *n == nic.name).map(|(_, fd)| *fd),
                 restrict: *restrict,
                 hostfwd: hostfwd.clone(),
                 net: net.clone(),
@@ -214,7 +227,7 @@ mod tests {
             ("device", "virtio-balloon-pci,id=balloon0"),
         ]);
         let rt = Path::new("/run/flotilla/vm1-42");
-        let p = plan(&s, &[DriveFormat::Raw, DriveFormat::Qcow2, DriveFormat::Raw], &[], rt, 256 << 20);
+        let p = plan(&s, &[DriveFormat::Raw, DriveFormat::Qcow2, DriveFormat::Raw], &[], &[], rt, 256 << 20);
         let dev = |id: &str, kind, socket: &str, num_queues, queue_size, pci_slot| VhostUserDevice {
             id: id.into(),
             kind,
@@ -278,7 +291,7 @@ mod tests {
         assert_eq!(p.balloond_sockets(), [PathBuf::from("/run/flotilla/vm1-42/vhost-user/balloon.sock")]);
         assert_eq!(p.overlong_socket(), None);
         let deep = PathBuf::from(format!("/{}", "d".repeat(90)));
-        let p2 = plan(&s, &[DriveFormat::Raw, DriveFormat::Qcow2, DriveFormat::Raw], &[], &deep, 1 << 30);
+        let p2 = plan(&s, &[DriveFormat::Raw, DriveFormat::Qcow2, DriveFormat::Raw], &[], &[], &deep, 1 << 30);
         assert_eq!(p2.overlong_socket(), Some(deep.join("vhost-user/virtio0.sock")));
         // The JSON the daemons get round-trips.
         assert_eq!(BlockdConfig::from_json(&b.to_json()).expect("json"), *b);
@@ -287,11 +300,11 @@ mod tests {
     #[test]
     fn nothing_to_start_without_drives_or_balloon() {
         let s = set(&[("chardev", "socket,id=c,path=/x.sock"), ("device", "vhost-user-blk-pci,chardev=c")]);
-        let p = plan(&s, &[], &[], Path::new("/rt"), 1 << 30);
+        let p = plan(&s, &[], &[], &[], Path::new("/rt"), 1 << 30);
         assert_eq!(p.blockd, None);
         assert_eq!(p.balloond, None);
         assert_eq!(p.vhost_user_devices.len(), 1);
-        let p = plan(&set(&[("balloon", "none")]), &[], &[], Path::new("/rt"), 1 << 30);
+        let p = plan(&set(&[("balloon", "none")]), &[], &[], &[], Path::new("/rt"), 1 << 30);
         assert_eq!(p, DevicePlan { vhost_user_devices: vec![], blockd: None, balloond: None, netd: None });
     }
 }

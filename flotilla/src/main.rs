@@ -20,6 +20,7 @@ mod qemu_opts;
 mod restart;
 mod supervise;
 mod tap;
+mod user_net;
 
 use cli::Action;
 

@@ -567,6 +567,8 @@ fn user(keys: Vec<(String, String)>) -> Result<NetdevKind, ValueError> {
             _ => return Err(ValueError::new(format!("Invalid parameter '{k}'"))),
         }
     }
+    // The network's own checks (host bits, QEMU's derived addresses), as the stack will make them.
+    crate::user_net::slirp_config(restrict, &hostfwd, net.as_deref())?;
     Ok(NetdevKind::User { restrict, hostfwd, net })
 }
 

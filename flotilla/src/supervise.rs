@@ -67,6 +67,8 @@ pub enum LaunchError {
     #[error(transparent)]
     Tap(#[from] crate::tap::NicTapError),
     #[error(transparent)]
+    UserNet(#[from] crate::user_net::UserNetError),
+    #[error(transparent)]
     DriveFile(#[from] FileError),
     #[error("the vhost-user socket path '{}' is longer than a unix socket address holds (107 bytes); use a shorter -name, drive id or XDG_RUNTIME_DIR", .0.display())]
     SocketPath(PathBuf),
@@ -348,7 +350,10 @@ fn run_vm(
     let instance = opts.machine.name.clone().unwrap_or_else(|| format!("vm{}", std::process::id()));
     let runtime = RuntimeDir::create(&instance)?;
     let _chardev_sockets = ChardevSockets::of(&opts.machine);
-    let plan = crate::device_plan::plan(&opts.devices, formats, taps, runtime.path(), opts.machine.mem_bytes);
+    // Dropped after every process that uses them (declared before the daemons).
+    let user_nets = crate::user_net::start_all(&opts.devices)?;
+    let frames: Vec<(String, std::os::fd::RawFd)> = user_nets.iter().map(|u| (u.nic.clone(), u.fd())).collect();
+    let plan = crate::device_plan::plan(&opts.devices, formats, taps, &frames, runtime.path(), opts.machine.mem_bytes);
     if let Some(p) = plan.overlong_socket() {
         return Err(LaunchError::SocketPath(p));
     }
