@@ -22,8 +22,9 @@
 //! `IRQNoFlags` descriptor, are written here.
 
 use acpi_tables::aml::{
-    self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Method, Name, Notify, Package,
-    PackageBuilder, Path, ResourceTemplate, Scope, IO,
+    self, AddressSpace, AddressSpaceCacheable, Arg, CreateDWordField, Device, EISAName, Else,
+    Equal, If, Local, Method, Name, NotEqual, Notify, Or, Package, PackageBuilder, Path,
+    ResourceTemplate, Return, Scope, Store, Uuid, IO,
 };
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
@@ -116,8 +117,16 @@ const FADT_FLAGS: [Flags; 5] = [
     Flags::SlpButton,
     Flags::ResetRegSup,
 ];
-/// IAPC_BOOT_ARCH: 8042 present (bit 1).
-const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+/// IAPC_BOOT_ARCH (ACPI 6.5, table 5.11). Bit 1 ("8042 present") stays clear: the i8042 at
+/// 0x60/0x64 is only a reset line, not a keyboard controller, and an OS told one is there probes
+/// it and fails ("Can't read CTR"). QEMU likewise sets the bit only when it models an i8042.
+/// Resetting through 0xFE on port 0x64 does not depend on this flag.
+///
+/// Bit 5 ("CMOS RTC not present") is set: there is no MC146818 at 0x70/0x71 (the guest's wall
+/// clock comes from kvmclock), so Linux registers no `rtc_cmos` platform device for it, as on
+/// QEMU microvm with `rtc=off`.
+const IAPC_BOOT_ARCH: u16 = IAPC_BOOT_ARCH_NO_CMOS_RTC;
+const IAPC_BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
 /// P_LVL2_LAT > 100 and P_LVL3_LAT > 1000 say "no C2 / no C3".
 const P_LVL2_LAT_NONE: u16 = 0x0fff;
 const P_LVL3_LAT_NONE: u16 = 0x0fff;
@@ -232,9 +241,11 @@ fn build_fadt(facs_addr: u64, dsdt_addr: u64) -> FADT {
     for flag in FADT_FLAGS {
         f = f.flag(flag);
     }
-    // Both the 32-bit and the X_ fields, equal (ACPICA accepts that; a mismatch it warns about).
+    // The FACS only through the 32-bit field: ACPI 6.5 (5.2.9) says X_FIRMWARE_CTRL must be zero
+    // when FIRMWARE_CTRL is set, and ACPICA installs (and Linux lists) the FACS once per
+    // non-zero field. QEMU does the same. The DSDT is in both fields (X_DSDT wins, no duplicate).
     f.firmware_ctrl = (facs_addr as u32).into();
-    f.x_firmware_ctrl = facs_addr.into();
+    f.x_firmware_ctrl = 0.into();
     f.dsdt = (dsdt_addr as u32).into();
     f.x_dsdt = dsdt_addr.into();
 
@@ -251,7 +262,7 @@ fn build_fadt(facs_addr: u64, dsdt_addr: u64) -> FADT {
     f.gpe0_blk_len = layout::GPE0_BLK_LEN;
     f.p_lvl2_lat = P_LVL2_LAT_NONE.into();
     f.p_lvl3_lat = P_LVL3_LAT_NONE.into();
-    f.iapc_boot_arch = IAPC_BOOT_ARCH_8042.into();
+    f.iapc_boot_arch = IAPC_BOOT_ARCH.into();
 
     // PM1 status/enable and PM1 control are 16-bit registers; GPE registers are byte-wide.
     f.x_pm1a_evt_blk = io_gas(
@@ -330,6 +341,79 @@ impl Aml for IrqNoFlags {
     }
 }
 
+/// The PCI Host Bridge `_OSC` UUID (PCI Firmware Specification 3.3, 4.5.1).
+pub const PCI_HOST_BRIDGE_OSC_UUID: &str = "33DB4D5B-1FF7-401C-9657-7441C03DD766";
+/// The `_OSC` control bits the platform grants (PCI Firmware 3.3, table 4-5): PCIe native
+/// hot-plug (0), SHPC hot-plug (1), PME (2), AER (3), PCIe capability structure (4). The
+/// platform keeps none of these for itself (no firmware-first error handling, no ACPI hot-plug),
+/// so the OS gets whichever of them it asks for; later bits (LTR, DPC, ...) are not granted.
+/// QEMU q35 grants the same 0x1F when its ACPI PCI hot-plug is off.
+pub const OSC_GRANTED_CONTROL: u8 = 0x1f;
+/// `_OSC` status bits in the first capabilities DWORD (CDW1).
+pub const OSC_CDW1_UNRECOGNIZED_UUID: u8 = 1 << 2;
+pub const OSC_CDW1_UNRECOGNIZED_REVISION: u8 = 1 << 3;
+pub const OSC_CDW1_CAPABILITIES_MASKED: u8 = 1 << 4;
+
+/// Appends `\_SB.PCI0._OSC` (as QEMU's q35 DSDT has it) to `sink`:
+///
+/// ```text
+/// Method (_OSC, 4, NotSerialized) {
+///     CreateDWordField (Arg3, 0, CDW1)
+///     If (Arg0 == ToUUID ("33db4d5b-1ff7-401c-9657-7441c03dd766")) {
+///         CreateDWordField (Arg3, 8, CDW3)
+///         Local0 = CDW3 & 0x1F                     // what we grant of what was asked
+///         If (Arg1 != 1) { CDW1 |= 0x08 }          // unrecognized revision
+///         If (CDW3 != Local0) { CDW1 |= 0x10 }     // capabilities masked
+///         CDW3 = Local0
+///     } Else { CDW1 |= 0x04 }                      // unrecognized UUID
+///     Return (Arg3)
+/// }
+/// ```
+///
+/// Without it Linux logs "_OSC: platform retains control of PCIe features (AE_NOT_FOUND)" for
+/// every PCIe root bridge.
+fn pci0_osc(sink: &mut dyn AmlSink) {
+    let cdw1 = Path::new("CDW1");
+    let cdw3 = Path::new("CDW3");
+    let uuid = Uuid::new(PCI_HOST_BRIDGE_OSC_UUID);
+    let ctrl = Local(0);
+    let create_cdw1 = CreateDWordField::new(&cdw1, &Arg(3), &aml::ZERO);
+    let create_cdw3 = CreateDWordField::new(&cdw3, &Arg(3), &8u8);
+    let load_ctrl = Store::new(&ctrl, &cdw3);
+    let mask_ctrl = aml::And::new(&ctrl, &ctrl, &OSC_GRANTED_CONTROL);
+    let set_bad_rev = Or::new(&cdw1, &cdw1, &OSC_CDW1_UNRECOGNIZED_REVISION);
+    let rev_not_1 = NotEqual::new(&Arg(1), &aml::ONE);
+    let if_bad_rev = If::new(&rev_not_1, vec![&set_bad_rev]);
+    let set_masked = Or::new(&cdw1, &cdw1, &OSC_CDW1_CAPABILITIES_MASKED);
+    let masked = NotEqual::new(&cdw3, &ctrl);
+    let if_masked = If::new(&masked, vec![&set_masked]);
+    let store_ctrl = Store::new(&cdw3, &ctrl);
+    let is_pci = Equal::new(&Arg(0), &uuid);
+    let if_pci = If::new(
+        &is_pci,
+        vec![&create_cdw3, &load_ctrl, &mask_ctrl, &if_bad_rev, &if_masked, &store_ctrl],
+    );
+    let set_bad_uuid = Or::new(&cdw1, &cdw1, &OSC_CDW1_UNRECOGNIZED_UUID);
+    let else_bad_uuid = Else::new(vec![&set_bad_uuid]);
+    let ret = Return::new(&Arg(3));
+    Method::new(
+        "_OSC".into(),
+        4,
+        false,
+        vec![&create_cdw1, &if_pci, &else_bad_uuid, &ret],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// [`pci0_osc`] as an [`Aml`] object, to sit among `PCI0`'s children.
+struct Pci0Osc;
+
+impl Aml for Pci0Osc {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        pci0_osc(sink);
+    }
+}
+
 fn build_dsdt() -> Vec<u8> {
     // \_SB.PCI0: the PCIe host bridge. No _ADR: a device has a _HID or an _ADR, not both
     // (iasl warns on QEMU's PCI0, which has both). `Name` serialises at once, so the resource
@@ -369,6 +453,7 @@ fn build_dsdt() -> Vec<u8> {
         "PCI0".into(),
         vec![
             &pci0_hid, &pci0_cid, &pci0_seg, &pci0_uid, &pci0_bbn, &pci0_cba, &pci0_crs, &pci0_prt,
+            &Pci0Osc,
         ],
     );
 
@@ -518,11 +603,11 @@ mod tests {
         let madt = table_at(t, entries[1], b"APIC");
         let mcfg = table_at(t, entries[2], b"MCFG");
 
-        let facs_addr = u64_at(fadt, 132);
+        let facs_addr = u64::from(u32_at(fadt, 36));
         assert_eq!(
-            u64::from(u32_at(fadt, 36)),
-            facs_addr,
-            "FIRMWARE_CTRL == X_FIRMWARE_CTRL"
+            u64_at(fadt, 132),
+            0,
+            "X_FIRMWARE_CTRL must be 0 when FIRMWARE_CTRL is set"
         );
         assert_eq!(facs_addr % 64, 0, "FACS alignment");
         let facs_off = (facs_addr - t.base) as usize;
@@ -596,7 +681,11 @@ mod tests {
         assert_eq!(f[92], layout::GPE0_BLK_LEN);
         assert_eq!(f[93], 0, "GPE1_BLK_LEN");
         assert_eq!(f[108], 0, "CENTURY");
-        assert_eq!(u16_at(f, 109), 1 << 1, "IAPC_BOOT_ARCH: 8042");
+        assert_eq!(
+            u16_at(f, 109),
+            IAPC_BOOT_ARCH_NO_CMOS_RTC,
+            "IAPC_BOOT_ARCH: no 8042, no CMOS RTC, nothing else"
+        );
 
         let flags = u32_at(f, 112);
         const PWR_BUTTON: u32 = 1 << 4;
@@ -747,6 +836,81 @@ mod tests {
         assert_eq!(pci_intx_gsi(7, 1), 16);
     }
 
+    /// The `_OSC` capabilities buffer as acpiexec's debugger takes a buffer argument.
+    fn acpiexec_buffer(bytes: &[u8]) -> String {
+        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02X}")).collect();
+        format!("({})", hex.join(" "))
+    }
+
+    /// Evaluates `\_SB.PCI0._OSC` with acpiexec (acpica-tools, as iasl) on `dsdt` and returns
+    /// the buffer it gives back as three DWORDs.
+    fn run_osc(dir: &FsPath, uuid: &[u8; 16], revision: u8, cdw: [u32; 3]) -> [u32; 3] {
+        let caps: Vec<u8> = cdw.iter().flat_map(|d| d.to_le_bytes()).collect();
+        let cmd = format!(
+            "Execute \\_SB.PCI0._OSC {} {revision} 3 {}",
+            acpiexec_buffer(uuid),
+            acpiexec_buffer(&caps)
+        );
+        let out = match Command::new("timeout")
+            .args(["20", "acpiexec", "-b", &cmd, "dsdt.aml"])
+            .current_dir(dir)
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) => panic!("running acpiexec (acpica-tools): {e}"),
+        };
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "acpiexec failed ({}):\n{text}", out.status);
+        // "  [Buffer] Length 0C =     0000: 11 00 00 00 1F 00 00 00 1F 00 00 00  // ...."
+        let line = text
+            .lines()
+            .find(|l| l.contains("[Buffer] Length 0C"))
+            .unwrap_or_else(|| panic!("_OSC returned no 12-byte buffer:\n{text}"));
+        let hex = line.split("0000:").nth(1).unwrap().split("//").next().unwrap();
+        let bytes: Vec<u8> = hex
+            .split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        assert_eq!(bytes.len(), 12, "{line}");
+        [0, 1, 2].map(|i| u32_at(&bytes, 4 * i))
+    }
+
+    /// `\_SB.PCI0._OSC` behaves as the PCI Firmware spec (and QEMU's q35) says: it grants the
+    /// control bits asked for out of 0x1F, flags masked capabilities and an unknown revision in
+    /// CDW1 and leaves the support DWORD alone; an unknown UUID only sets "unrecognized UUID".
+    #[test]
+    fn pci0_osc_grants_what_it_can() {
+        let t = build(&cfg(2)).unwrap();
+        let dir = scratch_dir();
+        std::fs::write(dir.join("dsdt.aml"), parse(&t).dsdt).unwrap();
+        // The UUID's buffer form: the first three fields little-endian.
+        let pci: [u8; 16] = [
+            0x5b, 0x4d, 0xdb, 0x33, 0xf7, 0x1f, 0x1c, 0x40, 0x96, 0x57, 0x74, 0x41, 0xc0, 0x3d,
+            0xd7, 0x66,
+        ];
+        let query = 1;
+        // What Linux 6.12 asks: PCIe capability, PME, AER (granted as asked).
+        assert_eq!(run_osc(&dir, &pci, 1, [query, 0x1f, 0x1d]), [query, 0x1f, 0x1d]);
+        assert_eq!(run_osc(&dir, &pci, 1, [0, 0x1f, 0x14]), [0, 0x1f, 0x14]);
+        // LTR (bit 5) and DPC (bit 7) are not ours to give: masked, and CDW1 says so.
+        assert_eq!(
+            run_osc(&dir, &pci, 1, [query, 0x1f, 0xbf]),
+            [query | u32::from(OSC_CDW1_CAPABILITIES_MASKED), 0x1f, 0x1f]
+        );
+        assert_eq!(
+            run_osc(&dir, &pci, 2, [0, 0x1f, 0x04]),
+            [u32::from(OSC_CDW1_UNRECOGNIZED_REVISION), 0x1f, 0x04]
+        );
+        let mut other = pci;
+        other[0] ^= 0xff;
+        assert_eq!(
+            run_osc(&dir, &other, 1, [query, 0x1f, 0x1d]),
+            [query | u32::from(OSC_CDW1_UNRECOGNIZED_UUID), 0x1f, 0x1d]
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     fn scratch_dir() -> PathBuf {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -855,6 +1019,8 @@ mod tests {
             if name == "dsdt" {
                 for want in [
                     "PNP0A08", "PNP0A03", "PNP0C0C", "PNP0501", "_E00", "_PRT", "_S5",
+                    "Method (_OSC, 4, NotSerialized)",
+                    "ToUUID (\"33db4d5b-1ff7-401c-9657-7441c03dd766\")",
                 ] {
                     assert!(dsl.contains(want), "DSDT disassembly lacks {want}:\n{dsl}");
                 }
