@@ -21,7 +21,7 @@ fn netdev_tap_with_a_virtio_net_pci() {
     let x = &d.devices[0];
     assert_eq!((x.model, x.kind, x.id.as_str(), x.pci_slot), ("virtio-net-pci", VirtioKind::Net, "nic0", Some(5)));
     assert_eq!(x.backend, Backend::Netd("nic0".into()));
-    assert_eq!((x.num_queues, x.queue_size, x.msix_vectors), (2, 256, None), "rx and tx, no control queue");
+    assert_eq!((x.num_queues, x.queue_size, x.msix_vectors), (3, 256, None), "rx, tx and the control queue");
     let n = &d.nics[0];
     assert_eq!((n.name.as_str(), n.netdev.as_str(), n.mac, n.queue_pairs), ("nic0", "n0", [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc], 1));
     assert!(d.has_netd());
@@ -75,7 +75,7 @@ fn multiqueue_and_vectors() {
     assert_eq!(d.nics[0].queue_pairs, 4);
     // Without mq=on the guest gets one pair (and the launcher says so).
     let d = devs(&["-netdev", "tap,id=n0,ifname=tap0,queues=4", "-device", "virtio-net-pci,netdev=n0"]);
-    assert_eq!((d.devices[0].num_queues, d.nics[0].queue_pairs), (2, 1));
+    assert_eq!((d.devices[0].num_queues, d.nics[0].queue_pairs), (3, 1));
     let notes = d.net.resolve_notes(&d.nics);
     assert!(notes[0].contains("netdev 'n0' has 4 queues; without mq=on the guest uses one"), "{notes:?}");
     assert_eq!(

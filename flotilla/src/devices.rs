@@ -592,7 +592,7 @@ impl DeviceSet {
             model: "virtio-net-pci",
             kind: VirtioKind::Net,
             backend: Backend::Netd(String::new()),
-            num_queues: 2,
+            num_queues: 3,
             queue_size: NET_QUEUE_SIZE,
             pci_slot,
             serial: None,
@@ -707,7 +707,7 @@ impl DeviceSet {
     }
 
     /// Gives each NIC its host side: netd (tap, user) or an external vhost-user backend, and
-    /// its queues (2 per pair, plus the control queue with more than one pair).
+    /// its queues (2 per pair, plus the control queue).
     fn resolve_nics(&mut self, nic_props: Vec<(usize, String, String, NicProps)>) -> Result<(), (String, ValueError)> {
         let list: Vec<(String, String, NicProps)> =
             nic_props.iter().map(|(_, loc, id, p)| (loc.clone(), id.clone(), p.clone())).collect();
@@ -732,7 +732,9 @@ impl DeviceSet {
             };
             let d = &mut self.devices[*index];
             d.backend = backend;
-            d.num_queues = if nic.queue_pairs > 1 { 2 * nic.queue_pairs + 1 } else { 2 };
+            // rx and tx per pair, then the control queue (QEMU's virtio-net always has one, and
+            // netd always offers VIRTIO_NET_F_CTRL_VQ).
+            d.num_queues = 2 * nic.queue_pairs + 1;
         }
         self.nics = nics;
         Ok(())
