@@ -58,9 +58,14 @@ pub struct TapQueues {
 pub enum TapError {
     #[error("interface name '{0}' is too long (at most 15 bytes)")]
     NameTooLong(String),
-    #[error("could not open {TUN_DEVICE}: {0}")]
-    Open(#[source] io::Error),
-    #[error("could not configure {TUN_DEVICE} ({ifname}): {source}{}", hint(.ifname, .source, *.exists))]
+    #[error("could not open {TUN_DEVICE} for the tap '{ifname}': {}{}", strerror(.source), hint(.ifname, .source, *.exists))]
+    Open {
+        ifname: String,
+        exists: bool,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not configure {TUN_DEVICE} ({ifname}): {}{}", strerror(.source), hint(.ifname, .source, *.exists))]
     SetIff {
         ifname: String,
         exists: bool,
@@ -78,16 +83,24 @@ pub enum TapError {
     NotTap(RawFd),
 }
 
-/// What the user can do about a failed TUNSETIFF.
+/// An OS error in QEMU's words (strerror, without Rust's "(os error N)").
+fn strerror(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => nix::errno::Errno::from_raw(n).desc().to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// What the user can do about a failed open or TUNSETIFF.
 fn hint(ifname: &str, e: &io::Error, exists: bool) -> String {
     let shown = if ifname.is_empty() { "a new tap" } else { ifname };
     match e.raw_os_error() {
-        Some(libc::EPERM) if !exists => format!(
+        Some(libc::EPERM | libc::EACCES) if !exists => format!(
             "\nthe tap '{shown}' does not exist and this user may not create it (that needs CAP_NET_ADMIN); \
              create it first: ip tuntap add dev {} mode tap user $USER",
             if ifname.is_empty() { "NAME" } else { ifname }
         ),
-        Some(libc::EPERM) => format!(
+        Some(libc::EPERM | libc::EACCES) => format!(
             "\nthe tap '{shown}' exists but this user may not attach to it; make it yours: \
              ip tuntap add dev {shown} mode tap user $USER"
         ),
@@ -127,7 +140,7 @@ pub fn open(ifname: Option<&str>, queues: u16, multi_queue: bool, vnet_hdr: bool
             .write(true)
             .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(TUN_DEVICE)
-            .map_err(TapError::Open)?;
+            .map_err(|source| TapError::Open { ifname: name.clone(), exists, source })?;
         let mut req = IfReq::new(&name, flags);
         // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is (40 bytes, C
         // layout); the descriptor is open.
