@@ -280,3 +280,27 @@ pub fn build_function(
     };
     Ok(VirtioPciDevice::new(fspec, m.window.clone(), m.ioevents.clone(), msix, signals, Box::new(model), kicks)?)
 }
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    #[test]
+    fn a_nic_is_an_ethernet_controller_with_the_whole_net_config() {
+        assert_eq!(pci_class(VirtioKind::Net), 0x0200);
+        assert_eq!(crate::devices::pci::class_description(pci_class(VirtioKind::Net)), Some("Ethernet controller"));
+        // mac[6] status max_virtqueue_pairs mtu speed[4] duplex rss_max_key_size
+        // rss_max_indirection_table_length[2] supported_hash_types[4]
+        assert_eq!(config_len(VirtioKind::Net), 6 + 2 + 2 + 2 + 4 + 1 + 1 + 2 + 4);
+        assert_eq!(VirtioKind::Net.device_id(), 1);
+    }
+
+    #[test]
+    fn vector_counts_outside_the_table_are_refused_by_name() {
+        let e = FrontendError::VectorCount { id: "nic0".into(), count: 300 };
+        assert_eq!(
+            e.to_string(),
+            "device 'nic0': 300 MSI-X vectors (need 1..=256: the table has 256 entries in its page of the BAR)"
+        );
+    }
+}

@@ -84,7 +84,7 @@ impl IoEventRegistrar for VmFd {
 pub struct FunctionSpec {
     /// qdev id, for query-pci.
     pub id: String,
-    /// Virtio device id (2 = block, 5 = balloon).
+    /// Virtio device id (1 = net, 2 = block, 5 = balloon).
     pub device_id: u16,
     /// Class << 8 | subclass.
     pub class: u16,
@@ -118,7 +118,8 @@ pub struct VirtioPciDevice {
 
 impl VirtioPciDevice {
     /// Builds the function and maps its BAR. `kicks[n]` is queue n's notify eventfd (the model
-    /// holds copies); `msix` must have `num_queues + 1` vectors.
+    /// holds copies); `msix` has `num_queues + 1` vectors unless the device was given its count (a
+    /// driver shares fewer).
     pub fn new(
         spec: FunctionSpec,
         window: MmioWindow,

@@ -7,7 +7,8 @@
 //! ## The function
 //!
 //! Vendor 0x1af4, device 0x1040 + virtio device id, revision 1, subsystem 0x1af4:0x1100 (QEMU's
-//! defaults for a modern-only function), class per device (virtio-blk 0x0100, balloon 0x00ff).
+//! defaults for a modern-only function), class per device (virtio-blk 0x0100, balloon 0x00ff,
+//! virtio-net 0x0200).
 //! Interrupt pin 0: there is no INTx; the driver must use MSI-X (Linux and the test guest do).
 //!
 //! ## BAR 4 (64-bit memory, not prefetchable, 32 KiB), assigned by vmm-core
@@ -18,7 +19,7 @@
 //! | 0x1000  | 0x1000 | ISR (byte 0; a read returns and clears it)           |
 //! | 0x2000  | 0x1000 | DEVICE_CFG (the backend's config space, cached)      |
 //! | 0x3000  | 0x1000 | NOTIFY: queue n at n * 4 (notify_off_multiplier 4)   |
-//! | 0x4000  | 0x1000 | MSI-X table (16 bytes per vector, num_queues + 1)    |
+//! | 0x4000  | 0x1000 | MSI-X table (16 bytes per vector; num_queues + 1, or `vectors=`) |
 //! | 0x5000  | 0x1000 | MSI-X PBA                                            |
 //!
 //! The offsets of COMMON/ISR/DEVICE/NOTIFY are QEMU's; QEMU puts the MSI-X table in BAR 1, this

@@ -1,0 +1,236 @@
+//! Linux's virtio-net driver on vmm-core, through netd on a tap, end to end, on this host's
+//! kvm_pvm: the launcher given QEMU's `-netdev tap,ifname=...,script=no,downscript=no` and
+//! `-device virtio-net-pci`, the project's test kernel (`tests/kit/build-pvm-kernel.sh`) with
+//! `ip=` (IP_PNP) and `netconsole=`. The kernel cannot run user space here, so the kernel itself is
+//! the peer: netconsole sends its log lines as UDP datagrams from 10.0.2.15 to 10.0.2.2:6666, the
+//! tap's host side, where this test listens. Every datagram must be a line the serial console
+//! printed too (the same console text), and the line of init's start must arrive both ways.
+//!
+//! Everything runs in a network namespace the test thread makes for itself (`unshare(CLONE_NEWNET)`
+//! on that thread only; the launcher and its daemons are born in it), so nothing is sent beyond
+//! it. Needs root (CAP_NET_ADMIN for the namespace and the tap) and `ip`; a boot takes ~60-70 s.
+
+use flotilla_tests::machine::TempDir;
+use flotilla_tests::process::{binaries, describe, processes_mentioning, wait_timeout, Collector, Reaper};
+use flotilla_tests::pvm_kernel;
+use flotilla_tests::qmp::{gateway_binary, QmpAddr, RawQmp};
+use flotilla_tests::stamped::{NoLine, StampedConsole};
+use serde_json::{json, Value};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const TAP: &str = "ftap0";
+const HOST_ADDR: &str = "10.0.2.2";
+const PORT: u16 = 6666;
+const APPEND: &str = "console=ttyS0 root=/dev/vda1 rootwait ignore_loglevel rcupdate.rcu_cpu_stall_timeout=300 \
+     ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off netconsole=@10.0.2.15/eth0,6666@10.0.2.2/";
+/// Launch to `Run /sbin/init`: ~60-70 s here; room for a loaded CI machine.
+const BOOT: Duration = Duration::from_secs(240);
+const RUN_INIT: &str = "Run /sbin/init as init process";
+const NETCONSOLE_UP: &str = "netconsole: network logging started";
+const CONNECT: Duration = Duration::from_secs(30);
+const EXIT: Duration = Duration::from_secs(30);
+const MIB: u64 = 1 << 20;
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// netd, built next to the other binaries (the kit's `binaries()` predates it).
+fn netd_binary(flotilla: &Path) -> PathBuf {
+    let netd = flotilla.with_file_name("netd");
+    if !netd.is_file() {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace)
+            .args(["build", "--quiet", "-p", "netd"])
+            .status()
+            .expect("cargo build -p netd");
+        assert!(status.success(), "building netd");
+    }
+    netd
+}
+
+/// Puts this thread (only) into a new network namespace with the tap up at 10.0.2.2/24.
+fn private_network() -> Result<(), String> {
+    // SAFETY: unshare(2) with a namespace flag changes only the calling thread's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
+    }
+    // Commands spawned from this thread are born in the namespace.
+    run("ip", &["link", "set", "lo", "up"]);
+    run("ip", &["tuntap", "add", "dev", TAP, "mode", "tap"]);
+    run("ip", &["addr", "add", &format!("{HOST_ADDR}/24"), "dev", TAP]);
+    run("ip", &["link", "set", TAP, "up"]);
+    Ok(())
+}
+
+/// Datagrams from the guest's netconsole, one line each (as netconsole sends them).
+fn listen() -> mpsc::Receiver<(Instant, String)> {
+    let sock = UdpSocket::bind((HOST_ADDR, PORT)).expect("binding the netconsole listener");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).trim_end_matches(['\n', '\r']).to_string();
+            if tx.send((Instant::now(), text)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn ok(q: &mut RawQmp, name: &str, args: Value) -> Value {
+    let r = q.execute(name, args.clone());
+    r.get("return").cloned().unwrap_or_else(|| panic!("{name} {args} failed: {r}"))
+}
+
+#[test]
+fn linux_netconsole_through_netd_on_a_tap() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("needs root: a network namespace and a tap (run the suite as root, as CI does)");
+    }
+    let kernel = pvm_kernel::kernel().unwrap_or_else(|e| panic!("the kvm_pvm test kernel: {e}"));
+    let dir = TempDir::new("netd-linux");
+    let disk = dir.path("root.raw");
+    pvm_kernel::root_disk(&disk, 64 * MIB, "netd-linux").unwrap_or_else(|e| panic!("root disk: {e}"));
+    private_network().unwrap_or_else(|e| panic!("{e}"));
+    let datagrams = listen();
+
+    let b = binaries();
+    let netd = netd_binary(&b.flotilla);
+    let serial = dir.path("serial.sock");
+    let qmp_path = dir.path("qmp.sock");
+    let started = Instant::now();
+    let mut child = Command::new(&b.flotilla)
+        .env("FLOTILLA_VMM_CORE", &b.vmm_core)
+        .env("FLOTILLA_QMP_GATEWAY", gateway_binary())
+        .env("FLOTILLA_BLOCKD", &b.blockd)
+        .env("FLOTILLA_NETD", &netd)
+        .env("XDG_RUNTIME_DIR", &dir.0)
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .args(["-m", "256", "-display", "none", "-kernel"])
+        .arg(&kernel.vmlinux)
+        .args(["-append", APPEND])
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=raw", disk.display()))
+        .args(["-netdev", &format!("tap,id=net0,ifname={TAP},script=no,downscript=no")])
+        .args(["-device", "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:12:34:56"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .arg("-serial")
+        .arg(format!("unix:{},server=on,wait=on", serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning flotilla");
+    let mut stderr = Some(Collector::new(child.stderr.take().expect("stderr")));
+    let mut reaper = Some(Reaper::new(child, &dir.0.display().to_string()));
+    let mut con = StampedConsole::connect(&serial, CONNECT).unwrap_or_else(|e| panic!("serial console: {e}"));
+
+    // The console until init starts; every line kept.
+    let mut serial_lines: Vec<String> = Vec::new();
+    let deadline = started + BOOT;
+    let outcome: Result<(), String> = loop {
+        match con.next(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) => {
+                let done = l.text.contains(RUN_INIT);
+                serial_lines.push(l.text);
+                if done {
+                    break Ok(());
+                }
+            }
+            Err(NoLine::Timeout) => break Err(format!("no {RUN_INIT:?} within {BOOT:?}")),
+            Err(NoLine::Closed) => break Err("the console closed".into()),
+        }
+    };
+    let fail = |why: String,
+                serial_lines: &[String],
+                stderr: &mut Option<Collector>,
+                reaper: &mut Option<Reaper>|
+     -> ! {
+        drop(reaper.take());
+        let err = stderr.take().map(|mut c| c.take()).unwrap_or_default();
+        let from = serial_lines.len().saturating_sub(60);
+        panic!("{why}\n--- console tail ---\n{}\n--- flotilla's stderr ---\n{err}", serial_lines[from..].join("\n"));
+    };
+    if let Err(e) = outcome {
+        fail(e, &serial_lines, &mut stderr, &mut reaper);
+    }
+    let boot = started.elapsed();
+    if !serial_lines.iter().any(|l| l.contains(NETCONSOLE_UP)) {
+        fail(format!("the kernel never said {NETCONSOLE_UP:?}"), &serial_lines, &mut stderr, &mut reaper);
+    }
+
+    // The init line must come over the network too; collect until it does (bounded).
+    let mut received: Vec<String> = Vec::new();
+    let net_deadline = Instant::now() + Duration::from_secs(30);
+    while !received.iter().any(|l| l.contains(RUN_INIT)) {
+        match datagrams.recv_timeout(net_deadline.saturating_duration_since(Instant::now())) {
+            Ok((_, text)) => received.push(text),
+            Err(_) => fail(
+                format!(
+                    "netconsole's {RUN_INIT:?} line never reached {HOST_ADDR}:{PORT}; got {} datagrams: {received:?}",
+                    received.len()
+                ),
+                &serial_lines,
+                &mut stderr,
+                &mut reaper,
+            ),
+        }
+    }
+    // Every datagram is a line the serial console printed (netconsole gets the same text).
+    let strangers: Vec<&String> =
+        received.iter().filter(|d| !serial_lines.iter().any(|s| s.trim_end() == d.trim_end())).collect();
+    assert!(strangers.is_empty(), "datagrams that are no console line: {strangers:?}");
+    // netconsole starts after the driver and IP_PNP: everything after its start came both ways.
+    let start = serial_lines.iter().position(|l| l.contains(NETCONSOLE_UP)).expect("checked above");
+    let missing: Vec<&String> =
+        serial_lines[start + 1..].iter().filter(|s| !received.iter().any(|d| d.trim_end() == s.trim_end())).collect();
+    assert!(missing.is_empty(), "console lines after netconsole started that never came over the network: {missing:?}");
+    eprintln!(
+        "netd_linux: init after {boot:.1?}; {} datagrams over netd, {} console lines after netconsole started",
+        received.len(),
+        serial_lines.len() - start - 1
+    );
+
+    // QMP: the NIC in query-pci with its qdev id, info network, set_link through netd.
+    let mut q = RawQmp::connect(&QmpAddr::Unix(qmp_path.clone()), CONNECT);
+    q.negotiate();
+    let pci = ok(&mut q, "query-pci", json!({}));
+    let nic = pci[0]["devices"].as_array().expect("devices").iter().find(|d| d["qdev_id"] == "nic0").cloned();
+    let nic = nic.unwrap_or_else(|| panic!("no nic0 in query-pci: {pci}"));
+    assert_eq!(nic["class_info"], json!({"class": 512, "desc": "Ethernet controller"}));
+    assert_eq!(nic["id"]["device"], json!(0x1041));
+    let info = ok(&mut q, "human-monitor-command", json!({"command-line": "info network"}));
+    assert_eq!(
+        info,
+        json!(format!(
+            "nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n \\ net0: index=0,type=tap,ifname={TAP},script=no,downscript=no\r\n"
+        ))
+    );
+    assert_eq!(ok(&mut q, "set_link", json!({"name": "nic0", "up": false})), json!({}));
+    assert_eq!(ok(&mut q, "set_link", json!({"name": "net0", "up": true})), json!({}));
+    let r = q.execute("set_link", json!({"name": "nosuch", "up": true}));
+    assert_eq!(r["error"]["class"], "DeviceNotFound", "{r}");
+
+    // quit: flotilla exits 0 and leaves nothing running.
+    assert_eq!(q.execute("quit", Value::Null), json!({"return": {}}), "quit");
+    let status = wait_timeout(reaper.as_mut().expect("running").child(), EXIT);
+    let Some(status) = status else { panic!("flotilla still runs {EXIT:?} after quit") };
+    let marker = reaper.take().map(|r| r.marker.clone()).unwrap_or_default();
+    let err = stderr.take().map(|mut c| c.take()).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "flotilla ended with {}; stderr:\n{err}", describe(status));
+    assert!(!err.contains("panicked"), "a process panicked:\n{err}");
+    let left = processes_mentioning(&marker);
+    assert!(left.is_empty(), "left running after quit: {left:?}");
+}
