@@ -2,10 +2,11 @@
 //! 7.2's HMP prints (`hmp-cmds.c`, `monitor/hmp.c`), with `\r\n` line ends as its monitor
 //! writes them.
 //!
-//! Commands: `info version|name|uuid|status|kvm|cpus|pci|chardev|mice|balloon|block|blockstats`
+//! Commands: `info version|name|uuid|status|kvm|cpus|pci|chardev|mice|balloon|block|blockstats|network`
 //! (and `info` alone, the list), `stop`/`s`, `cont`/`c`, `system_reset`, `system_powerdown`,
 //! `quit`/`q`, `nmi`, `memsave addr size file`, `pmemsave addr size file`, `balloon MiB`,
-//! `block_resize device size` (size in MiB unless suffixed, as QEMU), and `help`/`?` for these.
+//! `block_resize device size` (size in MiB unless suffixed, as QEMU), `set_link name on|off`, and
+//! `help`/`?` for these. `info network` is `hmp_net.rs`'s.
 //! The device commands' output lives in `hmp_devices.rs`. Numbers are
 //! HMP expressions (`0x1000`, `4*1024`, `-8`, arithmetic with `+ - * / % & | ^ ~` and
 //! parentheses); as in QEMU, an unquoted `/path` after a number reads as a division, so quote
