@@ -5,6 +5,7 @@ mod balloon;
 mod block;
 mod dbusprobe;
 mod error;
+mod linux_boot;
 mod part;
 mod procfs;
 mod qmp;
@@ -528,6 +529,9 @@ fn main() -> ExitCode {
     }
     if args.first().is_some_and(|a| a == "restart") {
         return restart::main(&args[1..]);
+    }
+    if args.first().is_some_and(|a| a == "linux-boot") {
+        return linux_boot::main(&args[1..]);
     }
     let opts = match parse_args(&args) {
         Ok(Some(o)) => o,
