@@ -32,6 +32,11 @@ const BOOT: Duration = Duration::from_secs(240);
 const RUN_INIT: &str = "Run /sbin/init as init process";
 const NETCONSOLE_UP: &str = "netconsole: network logging started";
 const CONNECT: Duration = Duration::from_secs(30);
+/// evbug's line for KEY_POWER (116) pressed: a kernel line the test can make at will
+/// (`system_powerdown`; the spinning init does nothing with it).
+const POWER_KEY_EVENT: &str = "evbug: Event. Dev: input0, Type: 1, Code: 116, Value: 1";
+/// The power button's event through ACPI's SCI, the button driver and evbug.
+const EVENT_WAIT: Duration = Duration::from_secs(60);
 const EXIT: Duration = Duration::from_secs(30);
 const MIB: u64 = 1 << 20;
 
@@ -84,6 +89,28 @@ fn listen() -> mpsc::Receiver<(Instant, String)> {
         }
     });
     rx
+}
+
+/// Reads console lines (kept in `lines`) until one contains `needle`.
+fn wait_serial(
+    con: &mut StampedConsole,
+    lines: &mut Vec<String>,
+    needle: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match con.next(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) => {
+                lines.push(l.text.clone());
+                if l.text.contains(needle) {
+                    return Ok(l.text);
+                }
+            }
+            Err(NoLine::Timeout) => return Err(format!("no console line with {needle:?} within {timeout:?}")),
+            Err(NoLine::Closed) => return Err("the console closed".into()),
+        }
+    }
 }
 
 fn ok(q: &mut RawQmp, name: &str, args: Value) -> Value {
@@ -139,20 +166,7 @@ fn linux_netconsole_through_netd_on_a_tap() {
 
     // The console until init starts; every line kept.
     let mut serial_lines: Vec<String> = Vec::new();
-    let deadline = started + BOOT;
-    let outcome: Result<(), String> = loop {
-        match con.next(deadline.saturating_duration_since(Instant::now())) {
-            Ok(l) => {
-                let done = l.text.contains(RUN_INIT);
-                serial_lines.push(l.text);
-                if done {
-                    break Ok(());
-                }
-            }
-            Err(NoLine::Timeout) => break Err(format!("no {RUN_INIT:?} within {BOOT:?}")),
-            Err(NoLine::Closed) => break Err("the console closed".into()),
-        }
-    };
+    let outcome = wait_serial(&mut con, &mut serial_lines, RUN_INIT, BOOT).map(|_| ());
     let fail = |why: String,
                 serial_lines: &[String],
                 stderr: &mut Option<Collector>,
@@ -172,11 +186,12 @@ fn linux_netconsole_through_netd_on_a_tap() {
     }
 
     // The init line must come over the network too; collect until it does (bounded).
-    let mut received: Vec<String> = Vec::new();
+    // Each datagram with the instant it reached the host.
+    let mut received: Vec<(Instant, String)> = Vec::new();
     let net_deadline = Instant::now() + Duration::from_secs(30);
-    while !received.iter().any(|l| l.contains(RUN_INIT)) {
+    while !received.iter().any(|(_, l)| l.contains(RUN_INIT)) {
         match datagrams.recv_timeout(net_deadline.saturating_duration_since(Instant::now())) {
-            Ok((_, text)) => received.push(text),
+            Ok(d) => received.push(d),
             Err(_) => fail(
                 format!(
                     "netconsole's {RUN_INIT:?} line never reached {HOST_ADDR}:{PORT}; got {} datagrams: {received:?}",
@@ -189,13 +204,18 @@ fn linux_netconsole_through_netd_on_a_tap() {
         }
     }
     // Every datagram is a line the serial console printed (netconsole gets the same text).
-    let strangers: Vec<&String> =
-        received.iter().filter(|d| !serial_lines.iter().any(|s| s.trim_end() == d.trim_end())).collect();
+    let strangers: Vec<&String> = received
+        .iter()
+        .map(|(_, d)| d)
+        .filter(|d| !serial_lines.iter().any(|s| s.trim_end() == d.trim_end()))
+        .collect();
     assert!(strangers.is_empty(), "datagrams that are no console line: {strangers:?}");
     // netconsole starts after the driver and IP_PNP: everything after its start came both ways.
     let start = serial_lines.iter().position(|l| l.contains(NETCONSOLE_UP)).expect("checked above");
-    let missing: Vec<&String> =
-        serial_lines[start + 1..].iter().filter(|s| !received.iter().any(|d| d.trim_end() == s.trim_end())).collect();
+    let missing: Vec<&String> = serial_lines[start + 1..]
+        .iter()
+        .filter(|s| !received.iter().any(|(_, d)| d.trim_end() == s.trim_end()))
+        .collect();
     assert!(missing.is_empty(), "console lines after netconsole started that never came over the network: {missing:?}");
     eprintln!(
         "netd_linux: init after {boot:.1?}; {} datagrams over netd, {} console lines after netconsole started",
@@ -223,6 +243,45 @@ fn linux_netconsole_through_netd_on_a_tap() {
     let r = q.execute("set_link", json!({"name": "nosuch", "up": true}));
     assert_eq!(r["error"]["class"], "DeviceNotFound", "{r}");
 
+    // set_link off reaches the guest and stops delivery: a kernel line made while the link is
+    // down does not reach the host before set_link up is even sent (with the link up it comes
+    // within milliseconds of its console copy; Linux's driver stops its transmit queues at the
+    // config interrupt, so netconsole holds it and sends it once the link is back), and a line
+    // made after set_link up does arrive. The later line's arrival bounds the wait.
+    assert_eq!(ok(&mut q, "set_link", json!({"name": "nic0", "up": false})), json!({}));
+    assert_eq!(ok(&mut q, "system_powerdown", json!({})), json!({}));
+    let while_down = wait_serial(&mut con, &mut serial_lines, POWER_KEY_EVENT, EVENT_WAIT)
+        .unwrap_or_else(|e| fail(e, &serial_lines, &mut stderr, &mut reaper));
+    let up_sent = Instant::now();
+    assert_eq!(ok(&mut q, "set_link", json!({"name": "net0", "up": true})), json!({}));
+    assert_eq!(ok(&mut q, "system_powerdown", json!({})), json!({}));
+    let while_up = wait_serial(&mut con, &mut serial_lines, POWER_KEY_EVENT, EVENT_WAIT)
+        .unwrap_or_else(|e| fail(e, &serial_lines, &mut stderr, &mut reaper));
+    assert_ne!(while_down, while_up, "two presses, two time stamps");
+    let arrival = |received: &[(Instant, String)], line: &str| {
+        received.iter().find(|(_, d)| d.trim_end() == line.trim_end()).map(|(t, _)| *t)
+    };
+    let net_deadline = Instant::now() + Duration::from_secs(30);
+    while arrival(&received, &while_up).is_none() {
+        match datagrams.recv_timeout(net_deadline.saturating_duration_since(Instant::now())) {
+            Ok(d) => received.push(d),
+            Err(_) => panic!("the line made after set_link up never came over the network: {while_up:?}"),
+        }
+    }
+    match arrival(&received, &while_down) {
+        Some(t) => {
+            assert!(
+                t > up_sent,
+                "a line made while the link was down reached the host before set_link up: {while_down:?}"
+            );
+            eprintln!(
+                "netd_linux: the line held while the link was down arrived {:.1?} after set_link up",
+                t - up_sent
+            );
+        }
+        None => eprintln!("netd_linux: the line made while the link was down was not delivered"),
+    }
+
     // quit: flotilla exits 0 and leaves nothing running.
     assert_eq!(q.execute("quit", Value::Null), json!({"return": {}}), "quit");
     let status = wait_timeout(reaper.as_mut().expect("running").child(), EXIT);
@@ -233,4 +292,49 @@ fn linux_netconsole_through_netd_on_a_tap() {
     assert!(!err.contains("panicked"), "a process panicked:\n{err}");
     let left = processes_mentioning(&marker);
     assert!(left.is_empty(), "left running after quit: {left:?}");
+}
+
+/// A tap that does not exist, and no right to make one (a user namespace's root has no
+/// CAP_NET_ADMIN over the host's network): the launcher names the tap, says what to do, exits 1
+/// before anything starts, and leaves nothing running.
+#[test]
+fn a_missing_tap_without_the_right_to_make_it_fails_at_once_naming_it() {
+    let has_unshare = Command::new("unshare").arg("--help").output().is_ok_and(|o| o.status.success());
+    assert!(has_unshare, "needs unshare(1) (util-linux)");
+    let dir = TempDir::new("netd-notap");
+    let b = binaries();
+    let netd = netd_binary(&b.flotilla);
+    let tap = "fnotap9";
+    let started = Instant::now();
+    let mut child = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--"])
+        .arg(&b.flotilla)
+        .env("FLOTILLA_VMM_CORE", &b.vmm_core)
+        .env("FLOTILLA_NETD", &netd)
+        .env("XDG_RUNTIME_DIR", &dir.0)
+        .args(["-display", "none", "-netdev", &format!("tap,id=n0,ifname={tap},script=no,downscript=no")])
+        .args(["-device", "virtio-net-pci,netdev=n0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning flotilla");
+    let mut err = Collector::new(child.stderr.take().expect("stderr"));
+    let status = wait_timeout(&mut child, EXIT).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("flotilla still runs {EXIT:?} after a tap it cannot have")
+    });
+    let err = err.take();
+    assert_eq!(status.code(), Some(1), "{}; stderr:\n{err}", describe(status));
+    assert!(
+        err.contains(&format!("-netdev tap,id=n0,ifname={tap},script=no,downscript=no: could not"))
+            && err.contains(&format!("the tap '{tap}' does not exist and this user may not create it"))
+            && err.contains(&format!("ip tuntap add dev {tap} mode tap")),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "failed at once, not after starting daemons");
+    assert!(!Path::new("/sys/class/net").join(tap).exists(), "no tap was made");
+    assert!(processes_mentioning(&dir.0.display().to_string()).is_empty(), "nothing left running");
+    let runtime_entries = std::fs::read_dir(&dir.0).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(runtime_entries, 0, "no runtime directory was made in {}", dir.0.display());
 }
