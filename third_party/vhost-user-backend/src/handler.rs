@@ -613,8 +613,11 @@ where
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostUserResult<()> {
         // This request should be handled only when VHOST_USER_F_PROTOCOL_FEATURES
-        // has been negotiated.
-        self.check_feature(VhostUserVirtioFeatures::PROTOCOL_FEATURES)?;
+        // has been negotiated: offered by us (QEMU up to 7.2 sends it for virtio-net before
+        // SET_FEATURES, whose value then lacks the bit).
+        if self.backend.features() & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            self.check_feature(VhostUserVirtioFeatures::PROTOCOL_FEATURES)?;
+        }
 
         let vring = self
             .vrings

@@ -620,7 +620,12 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             }
             Ok(FrontendReq::SET_VRING_ENABLE) => {
                 let msg = self.extract_request_body::<VhostUserVringState>(&hdr, size, &buf)?;
-                self.check_feature(VhostUserVirtioFeatures::PROTOCOL_FEATURES)?;
+                // Negotiated = offered by the backend and protocol features in use: QEMU up to
+                // 7.2 sends SET_VRING_ENABLE for virtio-net before SET_FEATURES, whose value
+                // then lacks VHOST_USER_F_PROTOCOL_FEATURES (libvhost-user checks nothing).
+                if self.virtio_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+                    self.check_feature(VhostUserVirtioFeatures::PROTOCOL_FEATURES)?;
+                }
                 let enable = match msg.num {
                     1 => true,
                     0 => false,
