@@ -27,8 +27,8 @@ const HOST_ADDR: &str = "10.0.2.2";
 const PORT: u16 = 6666;
 const APPEND: &str = "console=ttyS0 root=/dev/vda1 rootwait ignore_loglevel rcupdate.rcu_cpu_stall_timeout=300 \
      ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off netconsole=@10.0.2.15/eth0,6666@10.0.2.2/";
-/// Launch to `Run /sbin/init`: ~60-70 s here; room for a loaded CI machine.
-const BOOT: Duration = Duration::from_secs(240);
+/// Launch to `Run /sbin/init`: ~60-70 s on an idle machine, 160-180 s measured while other boots ran.
+const BOOT: Duration = Duration::from_secs(300);
 const RUN_INIT: &str = "Run /sbin/init as init process";
 const NETCONSOLE_UP: &str = "netconsole: network logging started";
 const CONNECT: Duration = Duration::from_secs(30);
@@ -61,14 +61,18 @@ fn netd_binary(flotilla: &Path) -> PathBuf {
     netd
 }
 
-/// Puts this thread (only) into a new network namespace with the tap up at 10.0.2.2/24.
-fn private_network() -> Result<(), String> {
+/// Puts this thread (only) into a new network namespace, its loopback up, and with `tap` the
+/// tap up at 10.0.2.2/24.
+fn private_network(tap: bool) -> Result<(), String> {
     // SAFETY: unshare(2) with a namespace flag changes only the calling thread's namespaces.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         return Err(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
     }
     // Commands spawned from this thread are born in the namespace.
     run("ip", &["link", "set", "lo", "up"]);
+    if !tap {
+        return Ok(());
+    }
     run("ip", &["tuntap", "add", "dev", TAP, "mode", "tap"]);
     run("ip", &["addr", "add", &format!("{HOST_ADDR}/24"), "dev", TAP]);
     run("ip", &["link", "set", TAP, "up"]);
@@ -76,8 +80,7 @@ fn private_network() -> Result<(), String> {
 }
 
 /// Datagrams from the guest's netconsole, one line each (as netconsole sends them).
-fn listen() -> mpsc::Receiver<(Instant, String)> {
-    let sock = UdpSocket::bind((HOST_ADDR, PORT)).expect("binding the netconsole listener");
+fn listen(sock: UdpSocket) -> mpsc::Receiver<(Instant, String)> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
@@ -118,114 +121,192 @@ fn ok(q: &mut RawQmp, name: &str, args: Value) -> Value {
     r.get("return").cloned().unwrap_or_else(|| panic!("{name} {args} failed: {r}"))
 }
 
-#[test]
-fn linux_netconsole_through_netd_on_a_tap() {
+/// One at a time: a boot is a core's worth of emulation for minutes.
+static ONE_BOOT_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A booted machine whose kernel logs to the listener through netd.
+struct NetBoot {
+    con: StampedConsole,
+    serial_lines: Vec<String>,
+    stderr: Option<Collector>,
+    reaper: Option<Reaper>,
+    datagrams: mpsc::Receiver<(Instant, String)>,
+    /// Each datagram with the instant it reached the host.
+    received: Vec<(Instant, String)>,
+    qmp_path: PathBuf,
+    _dir: TempDir,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl NetBoot {
+    /// Boots the kernel with `netdev` (its `-netdev` argument; the NIC is `nic0` on `net0`) and
+    /// the netconsole target `target` (`IP/` or `IP/MAC`) until init, checks that netconsole's
+    /// lines reached `listener`: every datagram a console line, every line after netconsole
+    /// started a datagram, init's line both ways.
+    fn start(tag: &str, netdev: &str, listener: UdpSocket) -> NetBoot {
+        let turn = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let kernel = pvm_kernel::kernel().unwrap_or_else(|e| panic!("the kvm_pvm test kernel: {e}"));
+        let dir = TempDir::new(tag);
+        let disk = dir.path("root.raw");
+        pvm_kernel::root_disk(&disk, 64 * MIB, tag).unwrap_or_else(|e| panic!("root disk: {e}"));
+        let datagrams = listen(listener);
+        let b = binaries();
+        let netd = netd_binary(&b.flotilla);
+        let serial = dir.path("serial.sock");
+        let qmp_path = dir.path("qmp.sock");
+        let started = Instant::now();
+        let mut child = Command::new(&b.flotilla)
+            .env("FLOTILLA_VMM_CORE", &b.vmm_core)
+            .env("FLOTILLA_QMP_GATEWAY", gateway_binary())
+            .env("FLOTILLA_BLOCKD", &b.blockd)
+            .env("FLOTILLA_NETD", &netd)
+            .env("XDG_RUNTIME_DIR", &dir.0)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .args(["-m", "256", "-display", "none", "-kernel"])
+            .arg(&kernel.vmlinux)
+            .args(["-append", APPEND])
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=raw", disk.display()))
+            .args(["-netdev", netdev])
+            .args(["-device", "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:12:34:56"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+            .arg("-serial")
+            .arg(format!("unix:{},server=on,wait=on", serial.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning flotilla");
+        let stderr = Some(Collector::new(child.stderr.take().expect("stderr")));
+        let reaper = Some(Reaper::new(child, &dir.0.display().to_string()));
+        let con = StampedConsole::connect(&serial, CONNECT).unwrap_or_else(|e| panic!("serial console: {e}"));
+        let mut m = NetBoot {
+            con,
+            serial_lines: Vec::new(),
+            stderr,
+            reaper,
+            datagrams,
+            received: Vec::new(),
+            qmp_path,
+            _dir: dir,
+            _turn: turn,
+        };
+        if let Err(e) = m.wait_serial(RUN_INIT, BOOT) {
+            m.fail(e);
+        }
+        let boot = started.elapsed();
+        if !m.serial_lines.iter().any(|l| l.contains(NETCONSOLE_UP)) {
+            m.fail(format!("the kernel never said {NETCONSOLE_UP:?}"));
+        }
+        // The init line must come over the network too; collect until it does (bounded).
+        let init_line = m.serial_lines.last().cloned().unwrap_or_default();
+        if let Err(e) = m.wait_datagram(&init_line, Duration::from_secs(30)) {
+            m.fail(e);
+        }
+        // Every datagram is a line the serial console printed (netconsole gets the same text).
+        let strangers: Vec<&String> = m
+            .received
+            .iter()
+            .map(|(_, d)| d)
+            .filter(|d| !m.serial_lines.iter().any(|s| s.trim_end() == d.trim_end()))
+            .collect();
+        assert!(strangers.is_empty(), "datagrams that are no console line: {strangers:?}");
+        // netconsole starts after the driver and IP_PNP: everything after its start came both ways.
+        let start = m.serial_lines.iter().position(|l| l.contains(NETCONSOLE_UP)).expect("checked above");
+        let missing: Vec<&String> = m.serial_lines[start + 1..]
+            .iter()
+            .filter(|s| !m.received.iter().any(|(_, d)| d.trim_end() == s.trim_end()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "console lines after netconsole started that never came over the network: {missing:?}"
+        );
+        eprintln!(
+            "{tag}: init after {boot:.1?}; {} datagrams over netd, {} console lines after netconsole started",
+            m.received.len(),
+            m.serial_lines.len() - start - 1
+        );
+        m
+    }
+
+    /// Reads console lines (kept) until one contains `needle`.
+    fn wait_serial(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
+        wait_serial(&mut self.con, &mut self.serial_lines, needle, timeout)
+    }
+
+    /// Collects datagrams until one is `line`; its arrival.
+    fn wait_datagram(&mut self, line: &str, timeout: Duration) -> Result<Instant, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(t) = self.arrival(line) {
+                return Ok(t);
+            }
+            match self.datagrams.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(d) => self.received.push(d),
+                Err(_) => {
+                    return Err(format!(
+                        "{line:?} never came over the network within {timeout:?}; {} datagrams came",
+                        self.received.len()
+                    ))
+                }
+            }
+        }
+    }
+
+    fn arrival(&self, line: &str) -> Option<Instant> {
+        self.received.iter().find(|(_, d)| d.trim_end() == line.trim_end()).map(|(t, _)| *t)
+    }
+
+    fn qmp(&self) -> RawQmp {
+        let mut q = RawQmp::connect(&QmpAddr::Unix(self.qmp_path.clone()), CONNECT);
+        q.negotiate();
+        q
+    }
+
+    /// Kills the machine and fails with the console's tail and flotilla's stderr.
+    fn fail(&mut self, why: String) -> ! {
+        drop(self.reaper.take());
+        let err = self.stderr.take().map(|mut c| c.take()).unwrap_or_default();
+        let from = self.serial_lines.len().saturating_sub(60);
+        panic!(
+            "{why}\n--- console tail ---\n{}\n--- flotilla's stderr ---\n{err}",
+            self.serial_lines[from..].join("\n")
+        );
+    }
+
+    /// `quit`: flotilla exits 0 and leaves nothing running.
+    fn quit(mut self, q: &mut RawQmp) {
+        assert_eq!(q.execute("quit", Value::Null), json!({"return": {}}), "quit");
+        let status = wait_timeout(self.reaper.as_mut().expect("running").child(), EXIT);
+        let Some(status) = status else { panic!("flotilla still runs {EXIT:?} after quit") };
+        let marker = self.reaper.take().map(|r| r.marker.clone()).unwrap_or_default();
+        let err = self.stderr.take().map(|mut c| c.take()).unwrap_or_default();
+        assert_eq!(status.code(), Some(0), "flotilla ended with {}; stderr:\n{err}", describe(status));
+        assert!(!err.contains("panicked"), "a process panicked:\n{err}");
+        let left = processes_mentioning(&marker);
+        assert!(left.is_empty(), "left running after quit: {left:?}");
+    }
+}
+
+fn need_root() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         panic!("needs root: a network namespace and a tap (run the suite as root, as CI does)");
     }
-    let kernel = pvm_kernel::kernel().unwrap_or_else(|e| panic!("the kvm_pvm test kernel: {e}"));
-    let dir = TempDir::new("netd-linux");
-    let disk = dir.path("root.raw");
-    pvm_kernel::root_disk(&disk, 64 * MIB, "netd-linux").unwrap_or_else(|e| panic!("root disk: {e}"));
-    private_network().unwrap_or_else(|e| panic!("{e}"));
-    let datagrams = listen();
+}
 
-    let b = binaries();
-    let netd = netd_binary(&b.flotilla);
-    let serial = dir.path("serial.sock");
-    let qmp_path = dir.path("qmp.sock");
-    let started = Instant::now();
-    let mut child = Command::new(&b.flotilla)
-        .env("FLOTILLA_VMM_CORE", &b.vmm_core)
-        .env("FLOTILLA_QMP_GATEWAY", gateway_binary())
-        .env("FLOTILLA_BLOCKD", &b.blockd)
-        .env("FLOTILLA_NETD", &netd)
-        .env("XDG_RUNTIME_DIR", &dir.0)
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .args(["-m", "256", "-display", "none", "-kernel"])
-        .arg(&kernel.vmlinux)
-        .args(["-append", APPEND])
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=raw", disk.display()))
-        .args(["-netdev", &format!("tap,id=net0,ifname={TAP},script=no,downscript=no")])
-        .args(["-device", "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:12:34:56"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
-        .arg("-serial")
-        .arg(format!("unix:{},server=on,wait=on", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning flotilla");
-    let mut stderr = Some(Collector::new(child.stderr.take().expect("stderr")));
-    let mut reaper = Some(Reaper::new(child, &dir.0.display().to_string()));
-    let mut con = StampedConsole::connect(&serial, CONNECT).unwrap_or_else(|e| panic!("serial console: {e}"));
-
-    // The console until init starts; every line kept.
-    let mut serial_lines: Vec<String> = Vec::new();
-    let outcome = wait_serial(&mut con, &mut serial_lines, RUN_INIT, BOOT).map(|_| ());
-    let fail = |why: String,
-                serial_lines: &[String],
-                stderr: &mut Option<Collector>,
-                reaper: &mut Option<Reaper>|
-     -> ! {
-        drop(reaper.take());
-        let err = stderr.take().map(|mut c| c.take()).unwrap_or_default();
-        let from = serial_lines.len().saturating_sub(60);
-        panic!("{why}\n--- console tail ---\n{}\n--- flotilla's stderr ---\n{err}", serial_lines[from..].join("\n"));
-    };
-    if let Err(e) = outcome {
-        fail(e, &serial_lines, &mut stderr, &mut reaper);
-    }
-    let boot = started.elapsed();
-    if !serial_lines.iter().any(|l| l.contains(NETCONSOLE_UP)) {
-        fail(format!("the kernel never said {NETCONSOLE_UP:?}"), &serial_lines, &mut stderr, &mut reaper);
-    }
-
-    // The init line must come over the network too; collect until it does (bounded).
-    // Each datagram with the instant it reached the host.
-    let mut received: Vec<(Instant, String)> = Vec::new();
-    let net_deadline = Instant::now() + Duration::from_secs(30);
-    while !received.iter().any(|(_, l)| l.contains(RUN_INIT)) {
-        match datagrams.recv_timeout(net_deadline.saturating_duration_since(Instant::now())) {
-            Ok(d) => received.push(d),
-            Err(_) => fail(
-                format!(
-                    "netconsole's {RUN_INIT:?} line never reached {HOST_ADDR}:{PORT}; got {} datagrams: {received:?}",
-                    received.len()
-                ),
-                &serial_lines,
-                &mut stderr,
-                &mut reaper,
-            ),
-        }
-    }
-    // Every datagram is a line the serial console printed (netconsole gets the same text).
-    let strangers: Vec<&String> = received
-        .iter()
-        .map(|(_, d)| d)
-        .filter(|d| !serial_lines.iter().any(|s| s.trim_end() == d.trim_end()))
-        .collect();
-    assert!(strangers.is_empty(), "datagrams that are no console line: {strangers:?}");
-    // netconsole starts after the driver and IP_PNP: everything after its start came both ways.
-    let start = serial_lines.iter().position(|l| l.contains(NETCONSOLE_UP)).expect("checked above");
-    let missing: Vec<&String> = serial_lines[start + 1..]
-        .iter()
-        .filter(|s| !received.iter().any(|(_, d)| d.trim_end() == s.trim_end()))
-        .collect();
-    assert!(missing.is_empty(), "console lines after netconsole started that never came over the network: {missing:?}");
-    eprintln!(
-        "netd_linux: init after {boot:.1?}; {} datagrams over netd, {} console lines after netconsole started",
-        received.len(),
-        serial_lines.len() - start - 1
-    );
+#[test]
+fn linux_netconsole_through_netd_on_a_tap() {
+    need_root();
+    private_network(true).unwrap_or_else(|e| panic!("{e}"));
+    let listener = UdpSocket::bind((HOST_ADDR, PORT)).expect("binding the netconsole listener");
+    let mut m =
+        NetBoot::start("netd-linux-tap", &format!("tap,id=net0,ifname={TAP},script=no,downscript=no"), listener);
+    let mut q = m.qmp();
 
     // QMP: the NIC in query-pci with its qdev id, info network, set_link through netd.
-    let mut q = RawQmp::connect(&QmpAddr::Unix(qmp_path.clone()), CONNECT);
-    q.negotiate();
     let pci = ok(&mut q, "query-pci", json!({}));
     let nic = pci[0]["devices"].as_array().expect("devices").iter().find(|d| d["qdev_id"] == "nic0").cloned();
     let nic = nic.unwrap_or_else(|| panic!("no nic0 in query-pci: {pci}"));
@@ -250,25 +331,16 @@ fn linux_netconsole_through_netd_on_a_tap() {
     // made after set_link up does arrive. The later line's arrival bounds the wait.
     assert_eq!(ok(&mut q, "set_link", json!({"name": "nic0", "up": false})), json!({}));
     assert_eq!(ok(&mut q, "system_powerdown", json!({})), json!({}));
-    let while_down = wait_serial(&mut con, &mut serial_lines, POWER_KEY_EVENT, EVENT_WAIT)
-        .unwrap_or_else(|e| fail(e, &serial_lines, &mut stderr, &mut reaper));
+    let while_down = m.wait_serial(POWER_KEY_EVENT, EVENT_WAIT).unwrap_or_else(|e| m.fail(e));
     let up_sent = Instant::now();
     assert_eq!(ok(&mut q, "set_link", json!({"name": "net0", "up": true})), json!({}));
     assert_eq!(ok(&mut q, "system_powerdown", json!({})), json!({}));
-    let while_up = wait_serial(&mut con, &mut serial_lines, POWER_KEY_EVENT, EVENT_WAIT)
-        .unwrap_or_else(|e| fail(e, &serial_lines, &mut stderr, &mut reaper));
+    let while_up = m.wait_serial(POWER_KEY_EVENT, EVENT_WAIT).unwrap_or_else(|e| m.fail(e));
     assert_ne!(while_down, while_up, "two presses, two time stamps");
-    let arrival = |received: &[(Instant, String)], line: &str| {
-        received.iter().find(|(_, d)| d.trim_end() == line.trim_end()).map(|(t, _)| *t)
-    };
-    let net_deadline = Instant::now() + Duration::from_secs(30);
-    while arrival(&received, &while_up).is_none() {
-        match datagrams.recv_timeout(net_deadline.saturating_duration_since(Instant::now())) {
-            Ok(d) => received.push(d),
-            Err(_) => panic!("the line made after set_link up never came over the network: {while_up:?}"),
-        }
+    if let Err(e) = m.wait_datagram(&while_up, Duration::from_secs(30)) {
+        m.fail(format!("after set_link up: {e}"));
     }
-    match arrival(&received, &while_down) {
+    match m.arrival(&while_down) {
         Some(t) => {
             assert!(
                 t > up_sent,
@@ -282,16 +354,7 @@ fn linux_netconsole_through_netd_on_a_tap() {
         None => eprintln!("netd_linux: the line made while the link was down was not delivered"),
     }
 
-    // quit: flotilla exits 0 and leaves nothing running.
-    assert_eq!(q.execute("quit", Value::Null), json!({"return": {}}), "quit");
-    let status = wait_timeout(reaper.as_mut().expect("running").child(), EXIT);
-    let Some(status) = status else { panic!("flotilla still runs {EXIT:?} after quit") };
-    let marker = reaper.take().map(|r| r.marker.clone()).unwrap_or_default();
-    let err = stderr.take().map(|mut c| c.take()).unwrap_or_default();
-    assert_eq!(status.code(), Some(0), "flotilla ended with {}; stderr:\n{err}", describe(status));
-    assert!(!err.contains("panicked"), "a process panicked:\n{err}");
-    let left = processes_mentioning(&marker);
-    assert!(left.is_empty(), "left running after quit: {left:?}");
+    m.quit(&mut q);
 }
 
 /// A tap that does not exist, and no right to make one (a user namespace's root has no
@@ -337,4 +400,22 @@ fn a_missing_tap_without_the_right_to_make_it_fails_at_once_naming_it() {
     assert!(processes_mentioning(&dir.0.display().to_string()).is_empty(), "nothing left running");
     let runtime_entries = std::fs::read_dir(&dir.0).map(|d| d.count()).unwrap_or(0);
     assert_eq!(runtime_entries, 0, "no runtime directory was made in {}", dir.0.display());
+}
+
+/// `-netdev user`: libslirp in the launcher, netd on its frame socket. slirp forwards what the
+/// guest sends to its host address (10.0.2.2) to the host's loopback, so netconsole's lines reach
+/// 127.0.0.1:6666 in the test's own network namespace.
+#[test]
+fn linux_netconsole_through_netd_on_user_networking() {
+    need_root();
+    private_network(false).unwrap_or_else(|e| panic!("{e}"));
+    let listener = UdpSocket::bind(("127.0.0.1", PORT)).expect("binding the netconsole listener");
+    let m = NetBoot::start("netd-linux-user", "user,id=net0", listener);
+    let mut q = m.qmp();
+    let info = ok(&mut q, "human-monitor-command", json!({"command-line": "info network"}));
+    assert_eq!(
+        info,
+        json!("nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n \\ net0: index=0,type=user,net=10.0.2.0,restrict=off\r\n")
+    );
+    m.quit(&mut q);
 }
