@@ -153,7 +153,15 @@ fn netdev_user() {
             restrict: true,
             hostfwd: vec!["tcp::2222-:22".into(), "udp:127.0.0.1:5353-10.0.2.15:53".into()],
             net: Some("10.0.3.0/24".into()),
+            addrs: vec![],
         }
+    );
+    let d = devs(&["-netdev", "user,id=u,host=10.0.2.9,dhcpstart=10.0.2.20,dns=10.0.2.53", "-device", "virtio-net-pci,netdev=u"]);
+    assert!(matches!(&d.net.netdevs[0].kind, NetdevKind::User { addrs, .. } if addrs.len() == 3));
+    assert_eq!(
+        err(&["-netdev", "user,id=u,dns=1.2.3.4"]).split(':').next(),
+        Some("-netdev user,id=u,dns=1.2.3.4"),
+        "a DNS address outside the network is refused"
     );
     assert_eq!(d.devices[0].backend, Backend::Netd("virtio-net-pci.0".into()));
     assert_eq!(

@@ -144,7 +144,7 @@ fn netd_config(
                     vnet_hdr: vnet_hdr.unwrap_or(true),
                 },
             },
-            NetdevKind::User { restrict, hostfwd, net } => NetBackendConfig::User {
+            NetdevKind::User { restrict, hostfwd, net, .. } => NetBackendConfig::User {
                 socket_fd: frames.iter().find(|(n, _)| *n == nic.name).map(|(_, fd)| *fd),
                 restrict: *restrict,
                 hostfwd: hostfwd.clone(),

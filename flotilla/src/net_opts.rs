@@ -29,8 +29,14 @@ pub enum NetdevKind {
         /// `vnet_hdr=`: None is QEMU's default (use it).
         vnet_hdr: Option<bool>,
     },
-    /// `-netdev user`: libslirp in netd.
-    User { restrict: bool, hostfwd: Vec<String>, net: Option<String> },
+    /// `-netdev user`: libslirp (in the launcher, see `user_net.rs`), netd on its frames.
+    User {
+        restrict: bool,
+        hostfwd: Vec<String>,
+        net: Option<String>,
+        /// `host=`, `dhcpstart=`, `dns=`: slirp's addresses, as given (the stack checks them).
+        addrs: Vec<(String, String)>,
+    },
     /// `-netdev vhost-user,chardev=`: an external backend; vmm-core connects to the chardev's
     /// socket and no netd runs for it.
     VhostUser { chardev: String, queues: u16 },
@@ -528,9 +534,16 @@ fn user(keys: Vec<(String, String)>) -> Result<NetdevKind, ValueError> {
     let mut restrict = false;
     let mut hostfwd = Vec::new();
     let mut net = None;
+    let mut addrs = Vec::new();
     for (k, v) in keys {
         match k.as_str() {
             "restrict" => restrict = parse_bool(&k, &v)?,
+            "host" | "dhcpstart" | "dns" => {
+                if v.parse::<std::net::Ipv4Addr>().is_err() {
+                    return Err(ValueError::new(format!("Parameter '{k}' expects an IPv4 address ('{v}')")));
+                }
+                addrs.push((k, v));
+            }
             "hostfwd" => {
                 check_hostfwd(&v)?;
                 hostfwd.push(v);
@@ -556,20 +569,20 @@ fn user(keys: Vec<(String, String)>) -> Result<NetdevKind, ValueError> {
                     return Err(ValueError::new("ipv6=on is not supported by flotilla (user networking is IPv4 only)"));
                 }
             }
-            "host" | "dhcpstart" | "dns" | "hostname" | "domainname" | "dnssearch" | "tftp" | "tftp-server-name"
+            "hostname" | "domainname" | "dnssearch" | "tftp" | "tftp-server-name"
             | "bootfile" | "smb" | "smbserver" | "guestfwd" | "ipv6-net" | "ipv6-host" | "ipv6-dns" | "ipv6-prefix"
             | "ipv6-prefixlen" => {
                 return Err(ValueError::with_hint(
                     format!("user option '{k}' is not supported by flotilla"),
-                    "flotilla supports -netdev user,id=ID[,net=ADDR/BITS][,restrict=on|off][,hostfwd=RULE]...",
+                    "flotilla supports -netdev user,id=ID[,net=ADDR/BITS][,host=][,dhcpstart=][,dns=][,restrict=on|off][,hostfwd=RULE]...",
                 ))
             }
             _ => return Err(ValueError::new(format!("Invalid parameter '{k}'"))),
         }
     }
     // The network's own checks (host bits, QEMU's derived addresses), as the stack will make them.
-    crate::user_net::slirp_config(restrict, &hostfwd, net.as_deref())?;
-    Ok(NetdevKind::User { restrict, hostfwd, net })
+    crate::user_net::slirp_config(restrict, &hostfwd, net.as_deref(), &addrs)?;
+    Ok(NetdevKind::User { restrict, hostfwd, net, addrs })
 }
 
 fn vhost_user(keys: Vec<(String, String)>) -> Result<NetdevKind, ValueError> {

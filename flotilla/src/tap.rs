@@ -112,9 +112,12 @@ fn hint(ifname: &str, e: &io::Error, exists: bool) -> String {
     }
 }
 
-/// Whether a network interface of this name exists (in this network namespace).
+/// Whether a network interface of this name exists in this process's network namespace
+/// (if_nametoindex asks the kernel; /sys/class/net would show the namespace sysfs was mounted in).
 fn interface_exists(name: &str) -> bool {
-    !name.is_empty() && std::path::Path::new("/sys/class/net").join(name).exists()
+    let Ok(c) = std::ffi::CString::new(name) else { return false };
+    // SAFETY: `c` is a NUL-terminated string that outlives the call.
+    !name.is_empty() && unsafe { libc::if_nametoindex(c.as_ptr()) } != 0
 }
 
 /// Opens `queues` descriptors of the tap `ifname` (a new `tap%d` when None), creating it when
@@ -243,6 +246,13 @@ mod tests {
         let f = std::fs::File::open("/dev/null").expect("null");
         let e = adopt(f.as_raw_fd()).expect_err("not a tap");
         assert!(e.to_string().contains("not a tun/tap descriptor"), "{e}");
+    }
+
+    #[test]
+    fn interfaces_are_looked_up_in_this_namespace() {
+        assert!(interface_exists("lo"));
+        assert!(!interface_exists("no-such-if0"));
+        assert!(!interface_exists(""));
     }
 
     #[test]

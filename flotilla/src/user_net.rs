@@ -16,10 +16,13 @@ use crate::qemu_opts::ValueError;
 
 /// QEMU's `-netdev user` keys this launcher passes on, back in QEMU's spelling, as slirp-net
 /// parses them.
-fn option_string(restrict: bool, hostfwd: &[String], net: Option<&str>) -> String {
+fn option_string(restrict: bool, hostfwd: &[String], net: Option<&str>, addrs: &[(String, String)]) -> String {
     let mut s = format!("restrict={}", if restrict { "on" } else { "off" });
     if let Some(n) = net {
         s.push_str(&format!(",net={n}"));
+    }
+    for (k, v) in addrs {
+        s.push_str(&format!(",{k}={v}"));
     }
     for h in hostfwd {
         s.push_str(&format!(",hostfwd={}", h.replace(',', ",,")));
@@ -28,8 +31,13 @@ fn option_string(restrict: bool, hostfwd: &[String], net: Option<&str>) -> Strin
 }
 
 /// The stack's configuration for these options (QEMU's checks: the network, the forwards).
-pub fn slirp_config(restrict: bool, hostfwd: &[String], net: Option<&str>) -> Result<SlirpConfig, ValueError> {
-    parse_netdev_user(&option_string(restrict, hostfwd, net)).map(|u| u.config).map_err(|e| {
+pub fn slirp_config(
+    restrict: bool,
+    hostfwd: &[String],
+    net: Option<&str>,
+    addrs: &[(String, String)],
+) -> Result<SlirpConfig, ValueError> {
+    parse_netdev_user(&option_string(restrict, hostfwd, net, addrs)).map(|u| u.config).map_err(|e| {
         let text = e.to_string();
         ValueError::new(text.strip_prefix("-netdev user: ").unwrap_or(&text).to_string())
     })
@@ -66,10 +74,10 @@ pub fn start_all(set: &DeviceSet) -> Result<Vec<UserNet>, UserNetError> {
             continue;
         }
         let Some(d) = set.net.netdev_of(nic) else { continue };
-        let NetdevKind::User { restrict, hostfwd, net } = &d.kind else { continue };
+        let NetdevKind::User { restrict, hostfwd, net, addrs } = &d.kind else { continue };
         let at = |source| UserNetError { location: d.location.clone(), source };
         // Checked at parse time; a failure here is the same error, reported the same way.
-        let config = slirp_config(*restrict, hostfwd, net.as_deref()).map_err(|e| {
+        let config = slirp_config(*restrict, hostfwd, net.as_deref(), addrs).map_err(|e| {
             at(slirp_net::SlirpError::Os { what: "parse the options", source: std::io::Error::other(e.message) })
         })?;
         let (stack, frames) = SlirpNet::spawn(config).map_err(at)?;
@@ -86,12 +94,16 @@ mod tests {
     #[test]
     fn options_reach_slirp_net_in_qemu_spelling() {
         assert_eq!(
-            option_string(true, &["tcp::2222-:22".into()], Some("10.0.3.0/24")),
-            "restrict=on,net=10.0.3.0/24,hostfwd=tcp::2222-:22"
+            option_string(true, &["tcp::2222-:22".into()], Some("10.0.3.0/24"), &[("dns".into(), "10.0.3.53".into())]),
+            "restrict=on,net=10.0.3.0/24,dns=10.0.3.53,hostfwd=tcp::2222-:22"
         );
-        let c = slirp_config(false, &[], Some("10.0.3.0/24")).expect("config");
+        let c = slirp_config(false, &[], Some("10.0.3.0/24"), &[]).expect("config");
         assert_eq!(c.host, std::net::Ipv4Addr::new(10, 0, 3, 2), "QEMU's host address in the network");
-        let e = slirp_config(false, &[], Some("10.0.3.0/40")).expect_err("no such mask");
+        let c = slirp_config(false, &[], None, &[("host".into(), "10.0.2.9".into())]).expect("config");
+        assert_eq!(c.host, std::net::Ipv4Addr::new(10, 0, 2, 9));
+        let e = slirp_config(false, &[], None, &[("dns".into(), "192.168.1.1".into())]).expect_err("outside");
+        assert!(e.message.contains("dns"), "{}", e.message);
+        let e = slirp_config(false, &[], Some("10.0.3.0/40"), &[]).expect_err("no such mask");
         assert!(!e.message.starts_with("-netdev user"), "{}", e.message);
     }
 }
