@@ -419,3 +419,70 @@ fn linux_netconsole_through_netd_on_user_networking() {
     );
     m.quit(&mut q);
 }
+
+/// The test guest (no network driver of its own) sees the NICs the launcher made: `vectors=`
+/// sizes the MSI-X table, a NIC without it gets QEMU's 2 * pairs + 2; both are virtio-net
+/// (device id 1) on the slots asked for, and query-pci / info network / set_link agree.
+#[test]
+fn nics_of_every_spelling_reach_the_machine() {
+    use flotilla_tests::qmp::{QmpVm, VmOptions};
+    netd_binary(&binaries().flotilla);
+    let reply = Duration::from_secs(30);
+    let mut vm = QmpVm::start(
+        "netd-nics",
+        &VmOptions {
+            name: "netnics",
+            qmp: &[true],
+            extra: &[
+                "-netdev",
+                "user,id=u0,restrict=on",
+                "-device",
+                "virtio-net-pci,netdev=u0,id=nic0,vectors=6,addr=5",
+                "-net",
+                "nic,model=virtio,macaddr=52:54:00:00:00:09",
+                "-net",
+                "user",
+            ],
+        },
+    );
+    let mut con = vm.console_ready();
+    let fields = |line: &str, key: &str| -> String {
+        line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).unwrap_or_default().to_string()
+    };
+    // Slot order: the -net nic takes the first free slot (1), nic0 the one asked for (5).
+    let first = con.command("virtio", "VIRTIO 00:01.0", reply).unwrap_or_else(|e| panic!("{e}"));
+    let second = con.expect("VIRTIO 00:05.0", reply).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((fields(&first, "devid"), fields(&first, "msix")), ("1".into(), "4".into()), "{first}");
+    assert_eq!((fields(&second, "devid"), fields(&second, "msix")), ("1".into(), "6".into()), "{second}");
+
+    let mut q = vm.raw(0);
+    q.negotiate();
+    let pci = ok(&mut q, "query-pci", json!({}));
+    let nics: Vec<(u64, String)> = pci[0]["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .filter(|d| d["class_info"]["class"] == 512)
+        .map(|d| (d["slot"].as_u64().unwrap_or(99), d["qdev_id"].as_str().unwrap_or("?").to_string()))
+        .collect();
+    assert_eq!(nics, [(1, String::new()), (5, "nic0".to_string())], "{pci}");
+    let info = ok(&mut q, "human-monitor-command", json!({"command-line": "info network"}));
+    assert_eq!(
+        info,
+        json!(
+            "hub 0\r\n \\ hub0port1: user.0: index=0,type=user,net=10.0.2.0,restrict=off\r\n \
+             \\ hub0port0: virtio-net-pci.0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:00:00:09\r\n\
+             nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n \
+             \\ u0: index=0,type=user,net=10.0.2.0,restrict=on\r\n"
+        )
+    );
+    // set_link by each name set_link knows: the qdev id, the -netdev id, QEMU's -net names.
+    for name in ["nic0", "u0", "virtio-net-pci.0", "user.0"] {
+        assert_eq!(ok(&mut q, "set_link", json!({"name": name, "up": false})), json!({}), "{name}");
+    }
+    let r = q.execute("set_link", json!({"name": "nosuch", "up": true}));
+    assert_eq!(r["error"]["class"], "DeviceNotFound", "{r}");
+    let core = vm.vmm_core();
+    con.command("poweroff", "POWEROFF", reply).unwrap_or_else(|e| panic!("{e}"));
+    vm.assert_exits_0_and_cleaned_up(core);
+}
