@@ -486,3 +486,53 @@ fn nics_of_every_spelling_reach_the_machine() {
     con.command("poweroff", "POWEROFF", reply).unwrap_or_else(|e| panic!("{e}"));
     vm.assert_exits_0_and_cleaned_up(core);
 }
+
+/// `-netdev tap,fd=N`: a tap the caller opened (as libvirt does) is taken over by the launcher
+/// and inherited by netd under the same number; the launcher opens nothing itself.
+#[test]
+fn an_inherited_tap_fd_reaches_netd() {
+    use flotilla_tests::qmp::{QmpVm, VmOptions};
+    use std::os::fd::AsRawFd;
+    need_root();
+    private_network(false).unwrap_or_else(|e| panic!("{e}"));
+    netd_binary(&binaries().flotilla);
+    // TUNSETIFF with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR on a descriptor the child inherits.
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").expect("/dev/net/tun");
+    let mut req = [0u8; 40];
+    req[..4].copy_from_slice(b"ffd0");
+    req[16..18].copy_from_slice(&(0x0002u16 | 0x1000 | 0x4000).to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes one 40-byte struct ifreq; the descriptor is open.
+    assert_eq!(unsafe { libc::ioctl(tun.as_raw_fd(), 0x4004_54ca, req.as_mut_ptr()) }, 0, "TUNSETIFF");
+    // SAFETY: clearing FD_CLOEXEC on a descriptor this test owns.
+    assert_eq!(unsafe { libc::fcntl(tun.as_raw_fd(), libc::F_SETFD, 0) }, 0);
+    let fd = tun.as_raw_fd();
+    let netdev = format!("tap,id=n0,fd={fd}");
+    let mut vm = QmpVm::start(
+        "netd-tapfd",
+        &VmOptions {
+            name: "nettapfd",
+            qmp: &[true],
+            extra: &["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0,id=nic0"],
+        },
+    );
+    let mut con = vm.console_ready();
+    let mut q = vm.raw(0);
+    q.negotiate();
+    let info = ok(&mut q, "human-monitor-command", json!({"command-line": "info network"}));
+    assert_eq!(
+        info,
+        json!(format!(
+            "nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n \\ n0: index=0,type=tap,fd={fd}\r\n"
+        ))
+    );
+    let netd = flotilla_tests::process::daemon_child(vm.pid(), "netd", None).expect("a netd child");
+    let link = std::fs::read_link(format!("/proc/{netd}/fd/{fd}")).expect("netd holds the descriptor's number");
+    assert_eq!(link, Path::new("/dev/net/tun"), "netd's fd {fd}");
+    assert_eq!(ok(&mut q, "set_link", json!({"name": "n0", "up": false})), json!({}));
+    let core = vm.vmm_core();
+    let tun_in_core = std::fs::read_link(format!("/proc/{core}/fd/{fd}")).is_ok_and(|l| l == Path::new("/dev/net/tun"));
+    assert!(!tun_in_core, "only netd inherits the tap, not vmm-core");
+    con.command("poweroff", "POWEROFF", Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    vm.assert_exits_0_and_cleaned_up(core);
+    drop(tun);
+}
