@@ -536,3 +536,98 @@ fn an_inherited_tap_fd_reaches_netd() {
     vm.assert_exits_0_and_cleaned_up(core);
     drop(tun);
 }
+
+/// The descriptors netd inherits (a launcher-opened tap, a user network's frame socket) of every
+/// socket it is restarted with: SIGKILL netd, the launcher starts another with the same fds, and
+/// set_link works again through it.
+#[test]
+fn a_killed_netd_is_restarted_with_the_same_host_sides() {
+    use flotilla_tests::process::wait_daemon_child;
+    use flotilla_tests::qmp::{QmpVm, VmOptions};
+    need_root();
+    private_network(true).unwrap_or_else(|e| panic!("{e}"));
+    netd_binary(&binaries().flotilla);
+    let tap = format!("tap,id=t0,ifname={TAP},script=no,downscript=no");
+    let mut vm = QmpVm::start(
+        "netd-restart",
+        &VmOptions {
+            name: "netrestart",
+            qmp: &[true],
+            extra: &[
+                "-netdev",
+                &tap,
+                "-device",
+                "virtio-net-pci,netdev=t0,id=nic0",
+                "-netdev",
+                "user,id=u0",
+                "-device",
+                "virtio-net-pci,netdev=u0,id=nic1",
+            ],
+        },
+    );
+    let mut con = vm.console_ready();
+    let mut q = vm.raw(0);
+    q.negotiate();
+    let fds = |pid: i32| -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let target = std::fs::read_link(e.path()).ok()?.display().to_string();
+                        let keep = target == "/dev/net/tun" || target.starts_with("socket:");
+                        keep.then(|| (e.file_name().to_string_lossy().into_owned(), target))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    // Inherited under the same numbers: every descriptor its config names (the tap's, the user
+    // network's frame socket) is the same open file as before (same tun device, same socket inode).
+    let named = |pid: i32| -> Vec<String> {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("netd's command line");
+        let args: Vec<String> = cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let json = args.iter().skip_while(|a| *a != "--config-json").nth(1).expect("--config-json");
+        let cfg = vm_config::NetdConfig::from_json(json).expect("netd's config");
+        let mut fds = Vec::new();
+        for nic in cfg.nics {
+            match nic.backend {
+                vm_config::NetBackendConfig::Tap { fds: f, .. } => fds.extend(f.iter().map(|n| n.to_string())),
+                vm_config::NetBackendConfig::User { socket_fd, .. } => {
+                    fds.push(socket_fd.expect("the launcher runs the user network").to_string())
+                }
+            }
+        }
+        fds
+    };
+    let first = wait_daemon_child(vm.pid(), "netd", None, Duration::from_secs(10)).expect("netd");
+    let before = fds(first);
+    let numbers = named(first);
+    assert_eq!(numbers.len(), 2, "a tap and a frame socket: {numbers:?}");
+    assert!(before.iter().any(|(_, t)| t == "/dev/net/tun"), "{before:?}");
+    // SAFETY: kill(2) of a process this test's launcher started.
+    unsafe { libc::kill(first, libc::SIGKILL) };
+    let second = wait_daemon_child(vm.pid(), "netd", Some(first), Duration::from_secs(10)).expect("netd restarted");
+    let after = fds(second);
+    let target = |list: &[(String, String)], n: &str| list.iter().find(|(f, _)| f == n).map(|(_, t)| t.clone());
+    assert_eq!(named(second), numbers, "the same config");
+    for n in &numbers {
+        let was = target(&before, n).unwrap_or_else(|| panic!("fd {n} in the first netd: {before:?}"));
+        assert_eq!(target(&after, n), Some(was), "fd {n} after the restart: {after:?}");
+    }
+    // set_link reaches the new netd (it owns the bus name again once it is up).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = q.execute("set_link", json!({"name": "nic1", "up": false}));
+        if r.get("return").is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "set_link never reached the restarted netd: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ok(&mut q, "set_link", json!({"name": "t0", "up": false})), json!({}));
+    let core = vm.vmm_core();
+    con.command("poweroff", "POWEROFF", Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    vm.assert_exits_0_and_cleaned_up(core);
+}
