@@ -25,7 +25,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use crate::chain;
 use crate::ctrl::{self, Effect};
 use crate::features::{self, has};
-use crate::nic::{add, lock, Nic, CONFIG_LEN};
+use crate::nic::{add, lock, Nic};
 use crate::rx::{Rx, RxState};
 use crate::tx::Tx;
 
@@ -299,7 +299,7 @@ impl VhostUserBackend for NetBackend {
 
     fn start_vring(&self, queue_index: u32, vring: &VringRwLock) -> io::Result<()> {
         let i = queue_index as usize;
-        if i < self.ctrl_queue() && i % 2 == 0 {
+        if i < self.ctrl_queue() && i.is_multiple_of(2) {
             lock(&self.inner.pairs[i / 2]).rx.ring_started();
         }
         if let Some(slot) = lock(&self.inner.vrings).get_mut(i) {
@@ -311,7 +311,7 @@ impl VhostUserBackend for NetBackend {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let i = queue_index as usize;
         let Some(q) = self.inner.rings.queue(i) else { return Ok(()) };
-        if i < self.ctrl_queue() && i % 2 == 0 {
+        if i < self.ctrl_queue() && i.is_multiple_of(2) {
             // The worker is between passes once we hold its lock; its held buffers go back.
             let mut p = lock(&self.inner.pairs[i / 2]);
             let held = p.rx.held();
@@ -344,8 +344,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
-        // virtio-net's config space is read-only for the driver (no CTRL_MAC_ADDR legacy writes).
-        let _ = CONFIG_LEN;
+        // virtio-net's config space is read-only for the driver (no legacy MAC writes).
         Ok(())
     }
 

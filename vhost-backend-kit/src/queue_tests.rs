@@ -548,3 +548,35 @@ fn completions_from_many_threads_keep_region_and_ring_consistent() {
         assert!((0..SIZE).all(|h| !r.is_inflight(h)));
     }
 }
+
+#[test]
+fn a_batch_moves_the_used_index_once_and_clears_its_records() {
+    let fe = Frontend::new();
+    for h in 0..5 {
+        fe.offer(h);
+    }
+    let be = fe.connect(0);
+    let ts = pop_all(&fe, &be);
+    let q = be.rings.queue(0).unwrap();
+    complete(&be, ts[4]);
+    assert_eq!(fe.used_idx(), 1);
+    // Three chains of one frame, in taking order, then the used index: 1 -> 4 in one step.
+    let batch = [(ts[0], 100), (ts[1], 200), (ts[2], 50)];
+    assert!(q.add_used_batch(&be.vring, &*fe.atomic.memory(), &batch));
+    assert_eq!(fe.used_idx(), 4);
+    assert_eq!(fe.used_heads(), [4, 0, 1, 2]);
+    let len = |slot: u64| -> u32 { u32::from_le(fe.mem.read_obj(GuestAddress(USED + 8 + 8 * slot)).unwrap()) };
+    assert_eq!((len(1), len(2), len(3)), (100, 200, 50));
+    assert_eq!(q.in_flight(), 1, "only head 3 left");
+    let r = fe.region();
+    assert!((0..3).all(|h| !r.is_inflight(h)) && r.is_inflight(3));
+    // Killed now: the new backend resubmits head 3 alone.
+    drop(be);
+    let be = fe.connect(4);
+    let again = pop_all(&fe, &be);
+    assert_eq!(heads(&again), [3]);
+    // A ticket of an earlier ring start refuses the whole batch: nothing added.
+    be.rings.start_vring(0, &be.vring).unwrap();
+    assert!(!be.rings.queue(0).unwrap().add_used_batch(&be.vring, &*fe.atomic.memory(), &[(again[0], 1)]));
+    assert_eq!(fe.used_idx(), 4);
+}
