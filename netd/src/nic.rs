@@ -250,4 +250,28 @@ mod tests {
         // SAFETY: our descriptor.
         unsafe { libc::close(fds[1]) };
     }
+
+    #[test]
+    fn a_restarted_netd_keeps_a_link_the_host_took_down() {
+        let dir = std::env::temp_dir().join(format!("netd-nic-restart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.json");
+        let nic = |links: Arc<LinkStore>| {
+            let mut fds = [0; 2];
+            // SAFETY: socketpair writes two descriptors into the array.
+            assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) }, 0);
+            // SAFETY: fds[0] handed over once; fds[1] closed at once (nothing is sent here).
+            let port = unsafe { Port::frames_from_fd(fds[0]) }.unwrap();
+            // SAFETY: our descriptor.
+            unsafe { libc::close(fds[1]) };
+            Nic::new("nic0".into(), "n0".into(), [2, 0, 0, 0, 0, 1], vec![port], links).unwrap()
+        };
+        let first = nic(Arc::new(LinkStore::open(Some(path.clone())).unwrap()));
+        first.set_link(false).unwrap();
+        drop(first);
+        let restarted = nic(Arc::new(LinkStore::open(Some(path.clone())).unwrap()));
+        assert!(!restarted.link_up(), "the link stays down across the restart");
+        assert_eq!(restarted.config_space()[6], 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
