@@ -359,3 +359,28 @@ fn what_info_network_is_told() {
     let a = gateway_nic_args(&d.net, &d.nics, &[]);
     assert!(a[1].contains(r#""info":"vhost-user{q} to c0""#), "{}", a[1]);
 }
+
+#[test]
+fn nics_and_other_devices_share_the_bus() {
+    let d = devs(&[
+        "-netdev",
+        "user,id=u",
+        "-device",
+        "virtio-net-pci,netdev=u",
+        "-device",
+        "virtio-balloon-pci",
+        "-drive",
+        "file=/a,if=virtio",
+    ]);
+    let backends: Vec<Backend> = d.devices.iter().map(|x| x.backend.clone()).collect();
+    assert_eq!(
+        backends,
+        [Backend::Netd("virtio-net-pci.0".into()), Backend::Balloon, Backend::Drive("virtio0".into())],
+        "command-line order; a NIC is no balloon"
+    );
+    assert!(d.has_balloon() && d.has_netd() && d.has_drives());
+    assert_eq!(
+        err(&["-netdev", "user,id=u", "-device", "virtio-net-pci,netdev=u,addr=4", "-device", "virtio-balloon-pci,addr=4"]),
+        "-device virtio-balloon-pci,addr=4: PCI: slot 4 function 0 not available for virtio-balloon-pci, in use by virtio-net-pci,id=(null)"
+    );
+}

@@ -655,6 +655,8 @@ impl DeviceSet {
                 continue;
             }
             if let Some(props) = nic {
+                // Its host side is known once every NIC is in (resolve_nics).
+                spec.backend = Backend::Netd(String::new());
                 spec.msix_vectors = props.vectors.or(spec.msix_vectors);
                 nic_props.push((self.devices.len(), spec.location.clone(), spec.id.clone(), props));
                 self.devices.push(spec);
