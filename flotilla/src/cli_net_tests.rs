@@ -23,7 +23,10 @@ fn netdev_tap_with_a_virtio_net_pci() {
     assert_eq!(x.backend, Backend::Netd("nic0".into()));
     assert_eq!((x.num_queues, x.queue_size, x.msix_vectors), (3, 256, None), "rx, tx and the control queue");
     let n = &d.nics[0];
-    assert_eq!((n.name.as_str(), n.netdev.as_str(), n.mac, n.queue_pairs), ("nic0", "n0", [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc], 1));
+    assert_eq!(
+        (n.name.as_str(), n.netdev.as_str(), n.mac, n.queue_pairs),
+        ("nic0", "n0", [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc], 1)
+    );
     assert!(d.has_netd());
     // A -device may come before its -netdev; script= empty means none too; vnet_hdr and fd.
     let d = devs(&["-device", "virtio-net-pci,netdev=n0", "-netdev", "tap,id=n0,ifname=t1,script=,vnet_hdr=off"]);
@@ -123,7 +126,8 @@ fn netdev_tap_errors() {
     );
     assert_eq!(err(&["-netdev", "tap,id=n0,fd=x"]), "-netdev tap,id=n0,fd=x: Invalid file descriptor number 'x'");
     assert_eq!(err(&["-netdev", "tap,id=n0,bogus=1"]), "-netdev tap,id=n0,bogus=1: Invalid parameter 'bogus'");
-    assert!(err(&["-netdev", "tap,id=n0,helper=/usr/lib/qemu/qemu-bridge-helper"]).contains("tap option 'helper' is not supported by flotilla"));
+    assert!(err(&["-netdev", "tap,id=n0,helper=/usr/lib/qemu/qemu-bridge-helper"])
+        .contains("tap option 'helper' is not supported by flotilla"));
     assert_eq!(err(&["-netdev", "tap,ifname=t"]), "-netdev tap,ifname=t: Parameter 'id' is missing");
     assert_eq!(
         err(&["-netdev", "tap,id=1n"]),
@@ -134,7 +138,8 @@ fn netdev_tap_errors() {
         "-netdev tap,id=n,ifname=t: Duplicate ID 'n' for netdev"
     );
     assert_eq!(err(&["-netdev", "foo,id=n"]), "-netdev foo,id=n: Parameter 'type' does not accept value 'foo'");
-    assert!(err(&["-netdev", "bridge,id=n,br=br0"]).starts_with("-netdev bridge,id=n,br=br0: network backend 'bridge' is not supported by flotilla"));
+    assert!(err(&["-netdev", "bridge,id=n,br=br0"])
+        .starts_with("-netdev bridge,id=n,br=br0: network backend 'bridge' is not supported by flotilla"));
     assert_eq!(err(&["-netdev"]), "-netdev: requires an argument");
 }
 
@@ -156,7 +161,12 @@ fn netdev_user() {
             addrs: vec![],
         }
     );
-    let d = devs(&["-netdev", "user,id=u,host=10.0.2.9,dhcpstart=10.0.2.20,dns=10.0.2.53", "-device", "virtio-net-pci,netdev=u"]);
+    let d = devs(&[
+        "-netdev",
+        "user,id=u,host=10.0.2.9,dhcpstart=10.0.2.20,dns=10.0.2.53",
+        "-device",
+        "virtio-net-pci,netdev=u",
+    ]);
     assert!(matches!(&d.net.netdevs[0].kind, NetdevKind::User { addrs, .. } if addrs.len() == 3));
     assert_eq!(
         err(&["-netdev", "user,id=u,dns=1.2.3.4"]).split(':').next(),
@@ -180,7 +190,8 @@ fn netdev_user() {
         err(&["-netdev", "user,id=u,restrict=maybe"]),
         "-netdev user,id=u,restrict=maybe: Parameter 'restrict' expects 'on' or 'off'"
     );
-    assert!(err(&["-netdev", "user,id=u,smb=/srv"]).starts_with("-netdev user,id=u,smb=/srv: user option 'smb' is not supported by flotilla"));
+    assert!(err(&["-netdev", "user,id=u,smb=/srv"])
+        .starts_with("-netdev user,id=u,smb=/srv: user option 'smb' is not supported by flotilla"));
     assert_eq!(
         err(&["-netdev", "user,id=u,net=10.0.2"]),
         "-netdev user,id=u,net=10.0.2: Parameter 'net' expects an IPv4 network ('10.0.2')"
@@ -244,7 +255,10 @@ fn virtio_net_pci_errors() {
         with("virtio-net-pci,netdev=u,mac=01:00:5e:00:00:01"),
         "-device virtio-net-pci,netdev=u,mac=01:00:5e:00:00:01: NIC cannot have multicast MAC address (odd 1st byte)"
     );
-    assert_eq!(with("virtio-net-pci,netdev=u,mq=maybe"), "-device virtio-net-pci,netdev=u,mq=maybe: Parameter 'mq' expects 'on' or 'off'");
+    assert_eq!(
+        with("virtio-net-pci,netdev=u,mq=maybe"),
+        "-device virtio-net-pci,netdev=u,mq=maybe: Parameter 'mq' expects 'on' or 'off'"
+    );
     assert_eq!(
         with("virtio-net-pci,netdev=u,bogus=1"),
         "-device virtio-net-pci,netdev=u,bogus=1: Property 'virtio-net-pci.bogus' not found"
@@ -280,11 +294,7 @@ fn qemu_1_1_net_options() {
     let pairs: Vec<(&str, &str)> = d.nics.iter().map(|n| (n.name.as_str(), n.netdev.as_str())).collect();
     assert_eq!(pairs, [("virtio-net-pci.0", "user.0"), ("second", "t0")]);
     assert_eq!(d.devices[0].pci_slot, Some(6));
-    assert_eq!(
-        d.nics.iter().map(|n| n.mac[5]).collect::<Vec<_>>(),
-        [0x56, 0x57],
-        "52:54:00:12:34:56 + 1 per NIC"
-    );
+    assert_eq!(d.nics.iter().map(|n| n.mac[5]).collect::<Vec<_>>(), [0x56, 0x57], "52:54:00:12:34:56 + 1 per NIC");
     // -net none: no NIC (flotilla has no default NIC to remove).
     let d = devs(&["-net", "none"]);
     assert!(d.net.none && d.nics.is_empty() && d.devices.is_empty());
@@ -310,7 +320,10 @@ fn qemu_1_1_net_options() {
         err(&["-net", "nic,model=virtio,macaddr=52:54:00"]),
         "-net nic,model=virtio,macaddr=52:54:00: invalid syntax for ethernet address"
     );
-    assert_eq!(err(&["-net", "nic,model=virtio,vlan=x"]), "-net nic,model=virtio,vlan=x: Parameter 'vlan' expects a number");
+    assert_eq!(
+        err(&["-net", "nic,model=virtio,vlan=x"]),
+        "-net nic,model=virtio,vlan=x: Parameter 'vlan' expects a number"
+    );
     assert_eq!(
         err(&["-net", "vhost-user,chardev=c"]),
         "-net vhost-user,chardev=c: Parameter 'type' expects a net type ('vhost-user' is not)"
@@ -354,8 +367,18 @@ fn what_info_network_is_told() {
     );
     assert_eq!(v[1]["peer"]["info"], "net=10.0.3.0,restrict=on");
     assert_eq!((v[2]["name"].as_str(), v[2]["hub"].as_u64()), (Some("virtio-net-pci.1"), Some(2)));
-    assert_eq!(v[2]["peer"], serde_json::json!({"name": "user.0", "type": "user", "info": "net=10.0.2.0,restrict=off"}));
-    let d = devs(&["-chardev", "socket,id=c0,path=/x", "-netdev", "vhost-user,id=v,chardev=c0", "-device", "virtio-net-pci,netdev=v"]);
+    assert_eq!(
+        v[2]["peer"],
+        serde_json::json!({"name": "user.0", "type": "user", "info": "net=10.0.2.0,restrict=off"})
+    );
+    let d = devs(&[
+        "-chardev",
+        "socket,id=c0,path=/x",
+        "-netdev",
+        "vhost-user,id=v,chardev=c0",
+        "-device",
+        "virtio-net-pci,netdev=v",
+    ]);
     let a = gateway_nic_args(&d.net, &d.nics, &[]);
     assert!(a[1].contains(r#""info":"vhost-user{q} to c0""#), "{}", a[1]);
 }
