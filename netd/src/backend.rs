@@ -69,6 +69,8 @@ struct Inner {
     /// Pairs the driver uses (VQ_PAIRS_SET); 1 until it says otherwise.
     active_pairs: AtomicU16,
     pairs: Vec<Mutex<Pair>>,
+    /// The control ring started: the driver's VQ_PAIRS_SET reaches us.
+    ctrl_started: AtomicBool,
     /// Each ring as its start handed it, for stop_vring.
     vrings: Mutex<Vec<Option<VringRwLock>>>,
 }
@@ -92,6 +94,7 @@ impl NetBackend {
                 active_pairs: AtomicU16::new(1),
                 pairs: (0..n).map(|_| Mutex::new(Pair { rx: RxState::default(), tx_buf: Vec::new() })).collect(),
                 vrings: Mutex::new(vec![None; 2 * n + 1]),
+                ctrl_started: AtomicBool::new(false),
                 nic,
             }),
         })
@@ -135,9 +138,14 @@ impl NetBackend {
     }
 
     fn rx_pass(&self, pair: usize, vring: &VringRwLock) -> io::Result<()> {
-        if pair >= usize::from(self.inner.active_pairs.load(Ordering::Acquire)) {
-            // Not used by the driver: its frames stay with the host (a multiqueue tap steers
-            // none here once the queue is detached).
+        // Pairs the driver does not use keep their frames with the host (a multiqueue tap
+        // steers none to a detached queue). Which pairs: VQ_PAIRS_SET when the control queue
+        // is ours; when the frontend keeps it (QEMU's virtio-net), the rings it enabled.
+        let ctrl_is_ours = self.inner.ctrl_started.load(Ordering::Acquire);
+        if ctrl_is_ours && pair >= usize::from(self.inner.active_pairs.load(Ordering::Acquire)) {
+            return Ok(());
+        }
+        if !vring.get_ref().is_enabled() {
             return Ok(());
         }
         let (Some(mem), Some(q), Some(port)) =
@@ -301,6 +309,9 @@ impl VhostUserBackend for NetBackend {
         let i = queue_index as usize;
         if i < self.ctrl_queue() && i.is_multiple_of(2) {
             lock(&self.inner.pairs[i / 2]).rx.ring_started();
+        }
+        if i == self.ctrl_queue() {
+            self.inner.ctrl_started.store(true, Ordering::Release);
         }
         if let Some(slot) = lock(&self.inner.vrings).get_mut(i) {
             *slot = Some(vring.clone());
