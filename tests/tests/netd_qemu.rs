@@ -82,16 +82,16 @@ struct Qemu {
 }
 
 impl Qemu {
-    fn boot(dir: &TempDir, socket: &Path) -> Qemu {
+    fn boot(dir: &TempDir, socket: &Path, pairs: u16) -> Qemu {
         let kit = linux_kit::kit().unwrap_or_else(|e| panic!("building the Linux guest kit: {e}"));
         let serial = dir.path("serial.sock");
         let child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "512", "-smp", "1"])
+            .args(["-accel", "tcg", "-m", "512", "-smp", &pairs.to_string()])
             .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem"])
             .arg("-chardev")
             .arg(format!("socket,id=c0,path={}", socket.display()))
-            .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
-            .args(["-device", "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:56,vectors=0"])
+            .args(["-netdev", &format!("vhost-user,id=n0,chardev=c0,queues={pairs}")])
+            .args(["-device", &format!("virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:56,vectors=0,mq={}", if pairs > 1 { "on" } else { "off" })])
             .arg("-kernel")
             .arg(&kit.kernel)
             .arg("-initrd")
@@ -188,35 +188,41 @@ fn md5_hex(data: &[u8]) -> String {
     out.split_whitespace().next().unwrap_or_default().to_string()
 }
 
-fn in_private_netns() {
+fn in_private_netns(pairs: u16) {
     // SAFETY: unshare(2) on this thread only (CLONE_NEWNET needs no single-threaded process);
     // what this thread and its children create from now on lives in the new namespace.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
     assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
     run("ip", &["link", "set", "lo", "up"]);
-    run("ip", &["tuntap", "add", "dev", TAP, "mode", "tap"]);
+    if pairs > 1 {
+        run("ip", &["tuntap", "add", "dev", TAP, "mode", "tap", "multi_queue"]);
+    } else {
+        run("ip", &["tuntap", "add", "dev", TAP, "mode", "tap"]);
+    }
     run("ip", &["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
     run("ip", &["link", "set", TAP, "up"]);
 }
 
-fn scenario() {
+/// `pairs` queue pairs (a multiqueue tap, as many vCPUs, so Linux uses them all); the
+/// set_link part with `set_link_too`.
+fn scenario(pairs: u16, set_link_too: bool) {
     let netd = netd_bin();
-    in_private_netns();
-    let dir = TempDir::new("netd-qemu");
+    in_private_netns(pairs);
+    let dir = TempDir::new(&format!("netd-qemu-{pairs}"));
     let bus = Bus::start(&dir, Duration::from_secs(10));
     let socket = dir.path("net.sock");
     let state = dir.path("netd-state.json");
     let mut cmd = Command::new(&netd);
     cmd.arg("--socket-path")
         .arg(&socket)
-        .args(["--tap", TAP, "--id", "nic0", "--netdev", "n0", "--mac", "52:54:00:12:34:56"])
+        .args(["--tap", TAP, "--queues", &pairs.to_string(), "--id", "nic0", "--netdev", "n0", "--mac", "52:54:00:12:34:56"])
         .arg("--state-file")
         .arg(&state)
         .args(["--dbus-address", &bus.address, "--instance", INSTANCE])
         .env("NETD_LOG", "info");
     let (_netd, mut netd_log) = spawn_ready(&mut cmd, &socket.display().to_string(), Duration::from_secs(20));
 
-    let mut q = Qemu::boot(&dir, &socket);
+    let mut q = Qemu::boot(&dir, &socket, pairs);
     let up = q.ask(
         "CFG",
         &format!("ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0; R=$?"),
@@ -249,7 +255,15 @@ fn scenario() {
     assert_eq!(got.bytes, STREAM_BYTES, "bytes received on the host");
     assert_eq!(got.md5, guest_md5, "the stream's MD5 on the host and in the guest");
     let mbps = got.bytes as f64 / got.took.as_secs_f64() / 1e6;
-    eprintln!("netd_qemu: {} bytes guest->host in {:.3?} ({mbps:.1} MB/s, QEMU TCG guest)", got.bytes, got.took);
+    eprintln!(
+        "netd_qemu: {pairs} pair(s): {} bytes guest->host in {:.3?} ({mbps:.1} MB/s, QEMU TCG guest)",
+        got.bytes, got.took
+    );
+    if !set_link_too {
+        let _ = q.console.send("poweroff -f");
+        let _ = wait_timeout(q.reaper.child(), Duration::from_secs(20));
+        return;
+    }
 
     // set_link: down stops delivery both ways, up restores it; by NIC id and by netdev id.
     let (ok, out) = set_link(&bus, "nic0", false);
@@ -269,16 +283,28 @@ fn scenario() {
     let _ = wait_timeout(q.reaper.child(), Duration::from_secs(20));
 }
 
-#[test]
-fn guest_pings_streams_and_sees_set_link_through_netd() {
+/// Runs `f` on a thread of its own: the network namespace is that thread's (and its
+/// children's) only. Skipped without root.
+fn in_own_thread(f: impl FnOnce() + Send + 'static) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("netd_qemu: skipped (needs root for a network namespace and a tap)");
         return;
     }
-    // Its own thread: the network namespace is that thread's (and its children's) only.
-    let t = std::thread::Builder::new().name("netns".into()).spawn(scenario).expect("thread");
+    let t = std::thread::Builder::new().name("netns".into()).spawn(f).expect("thread");
     if let Err(e) = t.join() {
         std::panic::resume_unwind(e);
     }
+}
+
+#[test]
+fn guest_pings_streams_and_sees_set_link_through_netd() {
+    in_own_thread(|| scenario(1, true));
+}
+
+/// Two queue pairs: QEMU keeps the control queue and enables the second pair's rings itself;
+/// the tap's flows land on both.
+#[test]
+fn two_queue_pairs_on_a_multiqueue_tap() {
+    in_own_thread(|| scenario(2, false));
 }
