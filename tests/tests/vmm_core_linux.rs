@@ -50,7 +50,10 @@ const EXIT: Duration = Duration::from_secs(30);
 
 /// `ignore_loglevel` puts evbug's debug-level lines on the console. The RCU stall timeout is
 /// the most Linux allows (300 s, was 21): a vCPU thread starved by a loaded host is not the
-/// machine's fault, and a stall report's `Call Trace` would trip the denylist.
+/// machine's fault, and a stall report's `Call Trace` would trip the denylist. (The kernel's
+/// tick must skip missed ticks, HZ_100 + NO_HZ_IDLE + HIGH_RES_TIMERS in the kit: a periodic
+/// 250 Hz tick replaying every missed tick livelocked the boot here on a loaded host, from the
+/// switch to kvm-clock on, both vCPUs in tick code at every query-cpus.)
 const APPEND: &str = "console=ttyS0 root=/dev/vda1 rootwait ignore_loglevel rcupdate.rcu_cpu_stall_timeout=300";
 /// What the kernel prints when it hands over to init.
 const RUN_INIT: &str = "Run /sbin/init as init process";
