@@ -109,8 +109,9 @@ main() {
     touch "$out.tmp/done"
     rm -rf "$out"
     mv "$out.tmp" "$out"
-    # Older kernels of earlier keys are not needed any more.
-    find "$DIR/out" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} +
+    # Keep the three newest kernels: trees with another fragment (a branch, a `git archive`
+    # copy) share this cache, and a running boot may still be reading an older one.
+    ls -1td "$DIR"/out/*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf
     print_paths "$out"
 }
 
