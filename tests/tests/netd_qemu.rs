@@ -263,7 +263,9 @@ fn scenario(pairs: u16, set_link_too: bool) {
     // 4 MiB host -> guest: big GSO frames from the tap over merged receive buffers.
     let data: Vec<u8> = (0..STREAM_BYTES).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let want_md5 = md5_hex(&data);
-    q.console.send("nc -l -p 5002 > /tmp/g &").expect("console");
+    // stdin from /dev/null: a background nc would otherwise read the console and send the
+    // next command line to the host, whose close with that unread would reset the stream.
+    q.console.send("nc -l -p 5002 < /dev/null > /tmp/g &").expect("console");
     let start = Instant::now();
     let mut conn = loop {
         match std::net::TcpStream::connect((GUEST_IP, 5002)) {
@@ -274,6 +276,11 @@ fn scenario(pairs: u16, set_link_too: bool) {
     };
     let sent_at = Instant::now();
     std::io::Write::write_all(&mut conn, &data).expect("sending to the guest");
+    // Half-close and wait for the guest's end: a close with anything unread would reset.
+    conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    conn.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
     drop(conn);
     let guest_md5 = q.ask("GMD5", "wait; R=$(md5sum /tmp/g | cut -d' ' -f1)", Duration::from_secs(120));
     let took = sent_at.elapsed();
