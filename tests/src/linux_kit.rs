@@ -23,7 +23,14 @@ pub fn kit() -> Result<Kit, String> {
 }
 
 fn build() -> Result<Kit, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kit/build-linux-kit.sh");
+    let out = run_kit_script("build-linux-kit.sh", Duration::from_secs(600))?;
+    Ok(Kit { kernel: printed(&out, "KERNEL=")?.into(), initrd: printed(&out, "INITRD=")?.into() })
+}
+
+/// Runs one of `tests/kit/`'s build scripts, bounded (in its own process group, killed whole
+/// on a timeout), and returns what it printed on stdout; its stderr is in the error.
+pub fn run_kit_script(name: &str, timeout: Duration) -> Result<String, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kit").join(name);
     let mut child = Command::new("bash")
         .arg(&script)
         .stdin(Stdio::null())
@@ -34,18 +41,20 @@ fn build() -> Result<Kit, String> {
         .map_err(|e| format!("running {}: {e}", script.display()))?;
     let mut out = Collector::new(child.stdout.take().ok_or("no stdout pipe")?);
     let mut err = Collector::new(child.stderr.take().ok_or("no stderr pipe")?);
-    let Some(status) = wait_timeout(&mut child, Duration::from_secs(600)) else {
+    let Some(status) = wait_timeout(&mut child, timeout) else {
         // SAFETY: kill(2) on the process group created above.
         unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
         let _ = child.wait();
-        return Err(format!("{} timed out:\n{}", script.display(), err.take()));
+        return Err(format!("{} timed out after {timeout:?}:\n{}", script.display(), err.take()));
     };
     let (out, err) = (out.take(), err.take());
     if !status.success() {
         return Err(format!("{} failed:\n{err}", script.display()));
     }
-    let get = |key: &str| -> Result<PathBuf, String> {
-        out.lines().find_map(|l| l.strip_prefix(key)).map(PathBuf::from).ok_or(format!("no {key} in:\n{out}"))
-    };
-    Ok(Kit { kernel: get("KERNEL=")?, initrd: get("INITRD=")? })
+    Ok(out)
+}
+
+/// The value of a `KEY=value` line a kit script printed.
+pub fn printed(out: &str, key: &str) -> Result<String, String> {
+    out.lines().find_map(|l| l.strip_prefix(key)).map(str::to_string).ok_or(format!("no {key} in:\n{out}"))
 }

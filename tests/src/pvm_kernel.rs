@@ -8,13 +8,12 @@
 //! real init would die at once and panic the kernel; this one leaves the kernel alive and
 //! working (its interrupts, timers and worker threads) after `Run /sbin/init`.
 
-use crate::process::{wait_timeout, Collector};
+use crate::linux_kit::{printed, run_kit_script};
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -62,31 +61,9 @@ pub fn kernel() -> Result<PvmKernel, String> {
 }
 
 fn build() -> Result<PvmKernel, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kit/build-pvm-kernel.sh");
     let started = std::time::Instant::now();
-    let mut child = Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("running {}: {e}", script.display()))?;
-    let mut out = Collector::new(child.stdout.take().ok_or("no stdout pipe")?);
-    let mut err = Collector::new(child.stderr.take().ok_or("no stderr pipe")?);
-    let Some(status) = wait_timeout(&mut child, BUILD_TIMEOUT) else {
-        // SAFETY: kill(2) on the process group created above.
-        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-        let _ = child.wait();
-        return Err(format!("{} timed out after {BUILD_TIMEOUT:?}:\n{}", script.display(), err.take()));
-    };
-    let (out, err) = (out.take(), err.take());
-    if !status.success() {
-        return Err(format!("{} failed:\n{err}", script.display()));
-    }
-    let get = |key: &str| -> Result<String, String> {
-        out.lines().find_map(|l| l.strip_prefix(key)).map(str::to_string).ok_or(format!("no {key} in:\n{out}"))
-    };
+    let out = run_kit_script("build-pvm-kernel.sh", BUILD_TIMEOUT)?;
+    let get = |key: &str| printed(&out, key);
     let k = PvmKernel {
         vmlinux: get("PVM_VMLINUX=")?.into(),
         bzimage: get("PVM_BZIMAGE=")?.into(),
