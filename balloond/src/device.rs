@@ -7,12 +7,13 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use flotilla_schema::types::BalloonInfo;
 use serde_json::{json, Value};
-use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+use vhost::vhost_user::Backend;
+use vhost_backend_kit::config_change::ConfigChangeNotifier;
 
 use crate::config::{self, BalloonConfig, TargetError};
 use crate::persist;
@@ -73,23 +74,12 @@ pub(crate) fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-/// The backend-request channel of the current connection and whether a CONFIG_CHANGE_MSG is
-/// owed to it.
-#[derive(Default)]
-struct Notify {
-    backend: Option<Backend>,
-    pending: bool,
-    /// Config changes sent (and acked, with REPLY_ACK).
-    sent: u64,
-    stop: bool,
-}
-
 pub struct Device {
     mem_bytes: u64,
     config: Mutex<BalloonConfig>,
     stats: Mutex<Option<GuestStats>>,
     events: Mutex<Option<EventSink>>,
-    notify: Arc<(Mutex<Notify>, Condvar)>,
+    config_change: ConfigChangeNotifier,
     pub counters: Counters,
     /// Where the config space is recorded for a restarted balloond (see [`persist`]).
     state_file: Mutex<Option<PathBuf>>,
@@ -98,15 +88,13 @@ pub struct Device {
 impl Device {
     /// A device for a guest of `mem_bytes` of RAM, with its notifier thread.
     pub fn new(mem_bytes: u64) -> std::io::Result<Arc<Device>> {
-        let notify: Arc<(Mutex<Notify>, Condvar)> = Arc::default();
-        let n = notify.clone();
-        std::thread::Builder::new().name("config-change".into()).spawn(move || notifier(&n))?;
+        let config_change = ConfigChangeNotifier::new("config-change".into())?;
         Ok(Arc::new(Device {
             mem_bytes,
             config: Mutex::new(BalloonConfig::default()),
             stats: Mutex::new(None),
             events: Mutex::new(None),
-            notify,
+            config_change,
             counters: Counters::default(),
             state_file: Mutex::new(None),
         }))
@@ -157,9 +145,7 @@ impl Device {
         // Recorded before the guest is told: a balloond killed from here on restarts with it.
         self.record();
         tracing::info!(target, num_pages = pages, "new balloon target");
-        let (m, cv) = &*self.notify;
-        lock(m).pending = true;
-        cv.notify_all();
+        self.config_change.request();
         Ok(pages)
     }
 
@@ -211,52 +197,11 @@ impl Device {
     /// A connection's backend-request channel (None when it ends). A config change owed to an
     /// earlier connection is dropped: a new driver reads the config space itself.
     pub fn set_backend(&self, backend: Option<Backend>) {
-        let mut n = lock(&self.notify.0);
-        n.backend = backend;
-        n.pending = false;
+        self.config_change.set_backend(backend);
     }
 
     /// CONFIG_CHANGE_MSGs sent so far.
     pub fn config_changes_sent(&self) -> u64 {
-        lock(&self.notify.0).sent
-    }
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        let (m, cv) = &*self.notify;
-        lock(m).stop = true;
-        cv.notify_all();
-    }
-}
-
-/// Sends CONFIG_CHANGE_MSG whenever one is owed and a channel exists. Its own thread because
-/// with REPLY_ACK the send waits for the frontend's ack, which must hold up neither the D-Bus
-/// side nor a vhost-user worker; requests made meanwhile are folded into one.
-fn notifier(notify: &(Mutex<Notify>, Condvar)) {
-    let (m, cv) = notify;
-    loop {
-        let backend = {
-            let mut n = lock(m);
-            loop {
-                if n.stop {
-                    return;
-                }
-                if n.pending && n.backend.is_some() {
-                    break;
-                }
-                n = cv.wait(n).unwrap_or_else(|p| p.into_inner());
-            }
-            n.pending = false;
-            n.backend.clone()
-        };
-        let Some(backend) = backend else { continue };
-        match backend.handle_config_change() {
-            Ok(_) => {
-                lock(m).sent += 1;
-                tracing::debug!("config change sent to the frontend");
-            }
-            Err(e) => tracing::warn!("cannot send CONFIG_CHANGE_MSG to the frontend: {e}"),
-        }
+        self.config_change.sent()
     }
 }

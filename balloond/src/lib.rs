@@ -18,7 +18,6 @@ pub mod dbus;
 pub mod device;
 pub mod persist;
 pub mod queues;
-pub mod ratelimit;
 pub mod reclaim;
 pub mod stats;
 

@@ -10,12 +10,12 @@
 use std::ops::Deref;
 use std::time::Duration;
 
+use vhost_backend_kit::ratelimit::RateLimit;
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryBackend;
 
 use crate::chain::{self, ChainError};
 use crate::device::{add, Device};
-use crate::ratelimit::RateLimit;
 use crate::reclaim;
 use crate::stats::{self, MAX_STATS_BYTES};
 

@@ -20,7 +20,6 @@ pub mod header;
 pub mod nic;
 pub mod persist;
 pub mod port;
-pub mod ratelimit;
 pub mod rx;
 pub mod tap;
 pub mod tx;

@@ -4,9 +4,10 @@
 //! channel; REPLY_ACK makes the send wait for the frontend, so it runs on its own thread).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+use vhost::vhost_user::Backend;
+use vhost_backend_kit::config_change::ConfigChangeNotifier;
 use virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
 
 use crate::features::{HostCaps, TUN_F_CSUM, TUN_F_UFO};
@@ -58,14 +59,6 @@ pub(crate) fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-#[derive(Default)]
-struct Notify {
-    backend: Option<Backend>,
-    pending: bool,
-    sent: u64,
-    stop: bool,
-}
-
 pub struct Nic {
     pub id: String,
     pub netdev: String,
@@ -76,7 +69,7 @@ pub struct Nic {
     pub caps: HostCaps,
     link_up: AtomicBool,
     links: Arc<LinkStore>,
-    notify: Arc<(Mutex<Notify>, Condvar)>,
+    config_change: ConfigChangeNotifier,
     pub counters: Counters,
 }
 
@@ -115,12 +108,7 @@ impl Nic {
         if !up {
             tracing::info!(nic = %id, "link down, as recorded before the restart");
         }
-        let notify: Arc<(Mutex<Notify>, Condvar)> = Arc::default();
-        let n = notify.clone();
-        std::thread::Builder::new()
-            .name(format!("cfg-{id}"))
-            .spawn(move || notifier(&n))
-            .map_err(NicError::Thread)?;
+        let config_change = ConfigChangeNotifier::new(format!("cfg-{id}")).map_err(NicError::Thread)?;
         Ok(Arc::new(Nic {
             id,
             netdev,
@@ -130,7 +118,7 @@ impl Nic {
             caps: HostCaps { vnet_hdr, ufo },
             link_up: AtomicBool::new(up),
             links,
-            notify,
+            config_change,
             counters: Counters::default(),
         }))
     }
@@ -152,9 +140,7 @@ impl Nic {
         let was = self.link_up.swap(up, Ordering::AcqRel);
         tracing::info!(nic = %self.id, up, changed = was != up, "set_link");
         if was != up {
-            let (m, cv) = &*self.notify;
-            lock(m).pending = true;
-            cv.notify_all();
+            self.config_change.request();
         }
         Ok(())
     }
@@ -172,50 +158,12 @@ impl Nic {
     /// The current connection's backend-request channel (None when it ends); a change owed
     /// to an earlier connection is dropped: a new driver reads the config space itself.
     pub fn set_backend(&self, backend: Option<Backend>) {
-        let mut n = lock(&self.notify.0);
-        n.backend = backend;
-        n.pending = false;
+        self.config_change.set_backend(backend);
     }
 
     /// CONFIG_CHANGE_MSGs sent (and acked) so far.
     pub fn config_changes_sent(&self) -> u64 {
-        lock(&self.notify.0).sent
-    }
-}
-
-impl Drop for Nic {
-    fn drop(&mut self) {
-        let (m, cv) = &*self.notify;
-        lock(m).stop = true;
-        cv.notify_all();
-    }
-}
-
-fn notifier(notify: &(Mutex<Notify>, Condvar)) {
-    let (m, cv) = notify;
-    loop {
-        let backend = {
-            let mut n = lock(m);
-            loop {
-                if n.stop {
-                    return;
-                }
-                if n.pending && n.backend.is_some() {
-                    break;
-                }
-                n = cv.wait(n).unwrap_or_else(|p| p.into_inner());
-            }
-            n.pending = false;
-            n.backend.clone()
-        };
-        let Some(backend) = backend else { continue };
-        match backend.handle_config_change() {
-            Ok(_) => {
-                lock(m).sent += 1;
-                tracing::debug!("config change sent to the frontend");
-            }
-            Err(e) => tracing::warn!("cannot send CONFIG_CHANGE_MSG to the frontend: {e}"),
-        }
+        self.config_change.sent()
     }
 }
 

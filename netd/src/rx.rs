@@ -12,6 +12,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::Duration;
 
 use vhost_backend_kit::queue::{Ticket, TrackedQueue};
+use vhost_backend_kit::ratelimit::RateLimit;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -21,7 +22,6 @@ use crate::features::{HDR_LEN, MAX_FRAME};
 use crate::header::NUM_BUFFERS_AT;
 use crate::nic::{add, Nic};
 use crate::port::Port;
-use crate::ratelimit::RateLimit;
 
 static RX_WARN: RateLimit = RateLimit::new(10, Duration::from_secs(10));
 

@@ -9,6 +9,7 @@ use std::ops::Deref;
 use std::time::Duration;
 
 use vhost_backend_kit::queue::TrackedQueue;
+use vhost_backend_kit::ratelimit::RateLimit;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::GuestMemoryMmap;
 
@@ -17,7 +18,6 @@ use crate::features::MAX_FRAME;
 use crate::header::NetHdr;
 use crate::nic::{add, Nic};
 use crate::port::Port;
-use crate::ratelimit::RateLimit;
 
 static TX_WARN: RateLimit = RateLimit::new(10, Duration::from_secs(10));
 

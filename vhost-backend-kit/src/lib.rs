@@ -19,11 +19,17 @@
 //!   SET_VRING_ERR when its driver publishes an available index more than a queue size ahead.
 //! * [`state_file`] — a small state file a restarted daemon reads back, written atomically and
 //!   durably.
+//! * [`config_change`] — CONFIG_CHANGE_MSG to the frontend from a thread of its own (REPLY_ACK
+//!   waits for the frontend), requests folded into one, none owed to an earlier connection.
+//! * [`ratelimit`] — at most a burst of the log lines a guest can trigger per window, the rest
+//!   counted and reported with the next line.
 
 pub mod cli;
+pub mod config_change;
 pub mod inflight;
 pub mod logging;
 pub mod queue;
+pub mod ratelimit;
 pub mod serve;
 pub mod signals;
 pub mod state_file;
