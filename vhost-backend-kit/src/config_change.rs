@@ -100,7 +100,7 @@ fn notifier(shared: &Shared) {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
 
@@ -145,5 +145,45 @@ mod tests {
         n.set_backend(None);
         assert_eq!(frontend.read(&mut [0u8; 1]).unwrap(), 0);
         drop(n);
+    }
+
+    /// The frontend's ack of a CONFIG_CHANGE_MSG sent with REPLY_ACK (version 1, REPLY flag).
+    fn ack(s: &mut UnixStream) {
+        let mut msg = Vec::new();
+        for word in [CONFIG_CHANGE, 0x1 | 0x4, 8] {
+            msg.extend_from_slice(&word.to_le_bytes());
+        }
+        msg.extend_from_slice(&0u64.to_le_bytes());
+        s.write_all(&msg).unwrap();
+    }
+
+    fn channel(reply_ack: bool) -> (Backend, UnixStream) {
+        let (ours, frontend) = UnixStream::pair().unwrap();
+        frontend.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let backend = Backend::from_stream(ours);
+        backend.set_reply_ack_flag(reply_ack);
+        (backend, frontend)
+    }
+
+    #[test]
+    fn a_change_owed_to_an_earlier_connection_is_dropped_while_the_send_waits_for_its_ack() {
+        let n = ConfigChangeNotifier::new("cfg-test-ack".into()).unwrap();
+        let (first, mut first_fe) = channel(true);
+        n.set_backend(Some(first));
+        n.request();
+        assert_eq!(read_request(&mut first_fe), CONFIG_CHANGE);
+        // The thread waits for the ack: a request now is owed to the first connection...
+        n.request();
+        assert_eq!(n.sent(), 0);
+        // ...which a new one replaces before the ack comes.
+        let (second, mut second_fe) = channel(true);
+        n.set_backend(Some(second));
+        ack(&mut first_fe);
+        wait_sent(&n, 1);
+        // Had the owed change survived, the thread would now be waiting for the second
+        // frontend's ack and hold its channel open; instead it ends with the channel given up.
+        n.set_backend(None);
+        assert_eq!(second_fe.read(&mut [0u8; 1]).unwrap(), 0);
+        assert_eq!(n.sent(), 1);
     }
 }
