@@ -138,6 +138,13 @@ pub fn boot(s: &Settings) -> Result<Boot, super::LinuxBootError> {
         .iter()
         .find(|(_, l)| log::text(l).starts_with(log::LINUX_VERSION))
         .map(|(at, _)| at.duration_since(started).as_secs_f64() * 1e3);
+    // Both wall figures from the same clock: when this thread took each line (the reader's
+    // arrival stamp of the matched line can precede the moment an earlier line was taken).
+    let run_init_ms = lines
+        .iter()
+        .find(|(_, l)| log::text(l).starts_with(log::RUN_INIT))
+        .map(|(at, _)| at.duration_since(started).as_secs_f64() * 1e3)
+        .or_else(|| wall.map(|w| w.as_secs_f64() * 1e3));
     let run_init_kernel_s = lines
         .iter()
         .find(|(_, l)| log::text(l).starts_with(log::RUN_INIT))
@@ -152,7 +159,7 @@ pub fn boot(s: &Settings) -> Result<Boot, super::LinuxBootError> {
     Ok(Boot {
         run: s.run,
         linux_version_ms,
-        run_init_ms: wall.map(|w| w.as_secs_f64() * 1e3),
+        run_init_ms: wall.and(run_init_ms),
         run_init_kernel_s,
         complaints: lines.iter().map(|(_, l)| l).filter(|l| log::complains(l)).cloned().collect(),
         gaps: log::largest_gaps(lines.iter().map(|(_, l)| l.as_str()), GAPS),
