@@ -12,6 +12,7 @@ pub mod machine;
 pub mod process;
 pub mod pvm_kernel;
 pub mod pyqmp;
+pub mod qemu_guest;
 pub mod qmp;
 pub mod restart;
 pub mod stamped;

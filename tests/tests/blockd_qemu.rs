@@ -8,9 +8,8 @@
 //! here is a few 64 KiB transfers.
 
 use flotilla_tests::bus::Bus;
-use flotilla_tests::console::Console;
-use flotilla_tests::linux_kit::{self, Kit};
 use flotilla_tests::machine::TempDir;
+use flotilla_tests::qemu_guest::QemuGuest;
 use flotilla_tests::process::{signal, spawn_ready, wait_timeout, Collector, Reaper};
 use flotilla_tests::tmpfs::Tmpfs;
 use std::io::{Read, Write};
@@ -26,11 +25,6 @@ const BOOT: Duration = Duration::from_secs(60);
 const REPLY: Duration = Duration::from_secs(20);
 const MIB: u64 = 1 << 20;
 const LEN: usize = 64 * 1024;
-
-/// The Linux guest kit (cached after the first build).
-fn kit() -> Kit {
-    linux_kit::kit().unwrap_or_else(|e| panic!("building the Linux guest kit: {e}"))
-}
 
 /// The blockd executable (built with the others by `process::binaries`).
 fn blockd_bin() -> &'static Path {
@@ -72,78 +66,14 @@ impl Blockd {
 }
 
 /// QEMU with the guest kit and one vhost-user-blk-pci device on blockd's socket.
-struct Qemu {
-    reaper: Reaper,
-    console: Console,
-    stderr: Collector,
-}
-
-impl Qemu {
-    fn boot(dir: &TempDir, tag: &str, blockd: &Blockd, smp: u32, num_queues: u32) -> Qemu {
-        let serial = dir.path(&format!("serial-{tag}.sock"));
-        let kit = kit();
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "512", "-smp", &smp.to_string()])
-            .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem"])
-            .arg("-chardev")
-            .arg(format!("socket,id=vub,path={}", blockd.socket.display()))
-            .args(["-device", &format!("vhost-user-blk-pci,chardev=vub,num-queues={num_queues}")])
-            .arg("-kernel")
-            .arg(&kit.kernel)
-            .arg("-initrd")
-            .arg(&kit.initrd)
-            .args(["-append", "console=ttyS0 panic=-1", "-display", "none", "-monitor", "none", "-no-reboot"])
-            .arg("-serial")
-            .arg(format!("unix:{},server=on,wait=on", serial.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning qemu-system-x86_64 (scripts/setup-host installs it)");
-        let mut reaper = Reaper::new(child, &serial.display().to_string());
-        let stderr = Collector::new(reaper.child().stderr.take().expect("stderr"));
-        let console = Console::connect(&serial, Duration::from_secs(20)).expect("QEMU's serial socket");
-        let mut q = Qemu { reaper, console, stderr };
-        if let Err(e) = q.console.expect("FLOTILLA-LINUX-READY", BOOT) {
-            q.fail(&format!("Linux did not reach /init: {e}"));
-        }
-        // The shell may drop what is typed before it starts: ask until it answers.
-        let deadline = Instant::now() + REPLY;
-        loop {
-            match q.console.command("echo \"UP\"\"=1\"", "UP=1", Duration::from_secs(2)) {
-                Ok(_) => break,
-                Err(e) if Instant::now() >= deadline => q.fail(&format!("the shell does not answer: {e}")),
-                Err(_) => {}
-            }
-        }
-        q
-    }
-
-    fn fail(&mut self, what: &str) -> ! {
-        let _ = self.reaper.child().kill();
-        let _ = self.reaper.child().wait();
-        panic!("{what}\nQEMU's stderr:\n{}", self.stderr.take());
-    }
-
-    /// Runs `cmd` in the guest shell; its output is the value of the `key=` line it echoes
-    /// (the key is split with quotes in the typed line, so the echo of the input never matches).
-    fn ask(&mut self, key: &str, cmd: &str) -> String {
-        let (a, b) = key.split_at(1);
-        let line = format!("{cmd}; echo \"{a}\"\"{b}=$R\"");
-        match self.console.command(&line, &format!("{key}="), REPLY) {
-            Ok(l) => l[key.len() + 1..].trim().to_string(),
-            Err(e) => self.fail(&format!("guest command {cmd:?}: {e}")),
-        }
-    }
-
-    /// Powers the guest off and waits for QEMU to exit (killed if it does not).
-    fn poweroff(mut self) {
-        let _ = self.console.send("sync; poweroff -f");
-        if wait_timeout(self.reaper.child(), Duration::from_secs(20)).is_none() {
-            let _ = self.reaper.child().kill();
-            let _ = self.reaper.child().wait();
-        }
-    }
+fn boot(dir: &TempDir, tag: &str, blockd: &Blockd, smp: u32, num_queues: u32) -> QemuGuest {
+    let devices = [
+        "-chardev".to_string(),
+        format!("socket,id=vub,path={}", blockd.socket.display()),
+        "-device".to_string(),
+        format!("vhost-user-blk-pci,chardev=vub,num-queues={num_queues}"),
+    ];
+    QemuGuest::boot(&dir.path(&format!("serial-{tag}.sock")), smp, &devices, "console=ttyS0 panic=-1", BOOT, REPLY)
 }
 
 /// Guest shell: md5 of 64 KiB of byte `c` (a printable character).
@@ -193,19 +123,19 @@ fn raw_drive_reads_writes_and_serves_a_reconnecting_frontend() {
     drop(file);
     let blockd = Blockd::start(&dir, &format!("file={},format=raw,serial=flotilla-raw", image.display()));
 
-    let mut q = Qemu::boot(&dir, "1", &blockd, 2, 2);
-    assert_eq!(q.ask("SZ", "R=$(cat /sys/block/vda/size)"), (64 * MIB / 512).to_string());
-    assert_eq!(q.ask("RO", "R=$(cat /sys/block/vda/ro)"), "0");
-    assert_eq!(q.ask("SER", "R=$(cat /sys/block/vda/serial)"), "flotilla-raw");
-    assert_eq!(q.ask("NQ", "R=$(ls /sys/block/vda/mq | wc -l)"), "2", "two request queues");
+    let mut q = boot(&dir, "1", &blockd, 2, 2);
+    assert_eq!(q.ask("SZ", "R=$(cat /sys/block/vda/size)", REPLY), (64 * MIB / 512).to_string());
+    assert_eq!(q.ask("RO", "R=$(cat /sys/block/vda/ro)", REPLY), "0");
+    assert_eq!(q.ask("SER", "R=$(cat /sys/block/vda/serial)", REPLY), "flotilla-raw");
+    assert_eq!(q.ask("NQ", "R=$(ls /sys/block/vda/mq | wc -l)", REPLY), "2", "two request queues");
     // Host data reads right in the guest.
-    let z = q.ask("MZ", &fill_md5_cmd('Z'));
-    assert_eq!(q.ask("M1", &read_md5_cmd(MIB)), z);
+    let z = q.ask("MZ", &fill_md5_cmd('Z'), REPLY);
+    assert_eq!(q.ask("M1", &read_md5_cmd(MIB), REPLY), z);
     // The guest writes, flushes, and reads back from the device.
-    assert_eq!(q.ask("WR", &write_cmd('Q', 2 * MIB)), "0");
-    assert_eq!(q.ask("SY", "sync; R=$?"), "0");
-    let qm = q.ask("MQ", &fill_md5_cmd('Q'));
-    assert_eq!(q.ask("M2", &read_md5_cmd(2 * MIB)), qm);
+    assert_eq!(q.ask("WR", &write_cmd('Q', 2 * MIB), REPLY), "0");
+    assert_eq!(q.ask("SY", "sync; R=$?", REPLY), "0");
+    let qm = q.ask("MQ", &fill_md5_cmd('Q'), REPLY);
+    assert_eq!(q.ask("M2", &read_md5_cmd(2 * MIB), REPLY), qm);
     q.poweroff();
 
     // The bytes are in the file.
@@ -214,13 +144,13 @@ fn raw_drive_reads_writes_and_serves_a_reconnecting_frontend() {
     assert!(got.iter().all(|&b| b == b'Q'), "the guest's write is not in {}", image.display());
 
     // A second frontend connects to the same blockd and sees the data.
-    let mut q = Qemu::boot(&dir, "2", &blockd, 1, 1);
-    let qm2 = q.ask("MQ", &fill_md5_cmd('Q'));
-    assert_eq!(q.ask("M2", &read_md5_cmd(2 * MIB)), qm2);
+    let mut q = boot(&dir, "2", &blockd, 1, 1);
+    let qm2 = q.ask("MQ", &fill_md5_cmd('Q'), REPLY);
+    assert_eq!(q.ask("M2", &read_md5_cmd(2 * MIB), REPLY), qm2);
     // DISCARD from the guest punches a hole in the raw file: the range reads as zeroes.
-    let zero = q.ask("M0", &format!("R=$(head -c {LEN} /dev/zero | md5sum | cut -c1-32)"));
-    assert_eq!(q.ask("DI", &format!("blkdiscard -o {} -l {LEN} /dev/vda; R=$?", 2 * MIB)), "0");
-    assert_eq!(q.ask("M3", &read_md5_cmd(2 * MIB)), zero);
+    let zero = q.ask("M0", &format!("R=$(head -c {LEN} /dev/zero | md5sum | cut -c1-32)"), REPLY);
+    assert_eq!(q.ask("DI", &format!("blkdiscard -o {} -l {LEN} /dev/vda; R=$?", 2 * MIB), REPLY), "0");
+    assert_eq!(q.ask("M3", &read_md5_cmd(2 * MIB), REPLY), zero);
     q.poweroff();
     let log = blockd.stop();
     assert_eq!(log.matches("frontend connected").count(), 2, "blockd's log:\n{log}");
@@ -241,17 +171,17 @@ fn qcow2_with_backing_file_reads_backing_data_and_stays_clean() {
     let blockd = Blockd::start(&dir, &format!("file={},format=qcow2", top.display()));
 
     // Two vCPUs, two queues: the parallel writes below reach imago from both queue workers.
-    let mut q = Qemu::boot(&dir, "1", &blockd, 2, 2);
-    assert_eq!(q.ask("SZ", "R=$(cat /sys/block/vda/size)"), (64 * MIB / 512).to_string());
+    let mut q = boot(&dir, "1", &blockd, 2, 2);
+    assert_eq!(q.ask("SZ", "R=$(cat /sys/block/vda/size)", REPLY), (64 * MIB / 512).to_string());
     // Backing data ('Z' = 0x5a) reads through the overlay.
-    let z = q.ask("MZ", &fill_md5_cmd('Z'));
-    assert_eq!(q.ask("M1", &read_md5_cmd(MIB)), z, "backing file data");
+    let z = q.ask("MZ", &fill_md5_cmd('Z'), REPLY);
+    assert_eq!(q.ask("M1", &read_md5_cmd(MIB), REPLY), z, "backing file data");
     // Unallocated everywhere: zeroes.
-    let zero = q.ask("M0", &format!("R=$(head -c {LEN} /dev/zero | md5sum | cut -c1-32)"));
-    assert_eq!(q.ask("M3", &read_md5_cmd(8 * MIB)), zero);
+    let zero = q.ask("M0", &format!("R=$(head -c {LEN} /dev/zero | md5sum | cut -c1-32)"), REPLY);
+    assert_eq!(q.ask("M3", &read_md5_cmd(8 * MIB), REPLY), zero);
     // Writes go to the overlay: one over backing data, one to fresh space.
-    assert_eq!(q.ask("WR", &write_cmd('Q', 2 * MIB)), "0");
-    assert_eq!(q.ask("WB", &write_cmd('A', MIB)), "0");
+    assert_eq!(q.ask("WR", &write_cmd('Q', 2 * MIB), REPLY), "0");
+    assert_eq!(q.ask("WB", &write_cmd('A', MIB), REPLY), "0");
     // Parallel writers on both vCPUs (taskset pins them), to fresh clusters.
     let par = format!(
         "head -c {LEN} /dev/zero | tr '\\0' 'P' > /tmp/pp; \
@@ -260,10 +190,10 @@ fn qcow2_with_backing_file_reads_backing_data_and_stays_clean() {
         16 * MIB / 4096,
         32 * MIB / 4096
     );
-    assert_eq!(q.ask("PW", &par), "0");
-    assert_eq!(q.ask("SY", "sync; R=$?"), "0");
-    let qm = q.ask("MQ", &fill_md5_cmd('Q'));
-    assert_eq!(q.ask("M2", &read_md5_cmd(2 * MIB)), qm);
+    assert_eq!(q.ask("PW", &par, REPLY), "0");
+    assert_eq!(q.ask("SY", "sync; R=$?", REPLY), "0");
+    let qm = q.ask("MQ", &fill_md5_cmd('Q'), REPLY);
+    assert_eq!(q.ask("M2", &read_md5_cmd(2 * MIB), REPLY), qm);
     q.poweroff();
     let log = blockd.stop();
 
@@ -297,12 +227,12 @@ fn readonly_drive_refuses_guest_writes() {
     let before = std::fs::read(&image).unwrap();
     let blockd = Blockd::start(&dir, &format!("file={},format=raw,readonly=on", image.display()));
 
-    let mut q = Qemu::boot(&dir, "1", &blockd, 1, 1);
-    assert_eq!(q.ask("RO", "R=$(cat /sys/block/vda/ro)"), "1");
-    let z = q.ask("MZ", &fill_md5_cmd('Z'));
-    assert_eq!(q.ask("M1", &read_md5_cmd(MIB)), z);
-    assert_ne!(q.ask("WR", &write_cmd('Q', MIB)), "0", "a write to a read-only drive succeeded");
-    assert_eq!(q.ask("M2", &read_md5_cmd(MIB)), z);
+    let mut q = boot(&dir, "1", &blockd, 1, 1);
+    assert_eq!(q.ask("RO", "R=$(cat /sys/block/vda/ro)", REPLY), "1");
+    let z = q.ask("MZ", &fill_md5_cmd('Z'), REPLY);
+    assert_eq!(q.ask("M1", &read_md5_cmd(MIB), REPLY), z);
+    assert_ne!(q.ask("WR", &write_cmd('Q', MIB), REPLY), "0", "a write to a read-only drive succeeded");
+    assert_eq!(q.ask("M2", &read_md5_cmd(MIB), REPLY), z);
     q.poweroff();
     blockd.stop();
     assert!(std::fs::read(&image).unwrap() == before, "the read-only image changed");
@@ -491,20 +421,20 @@ fn block_resize_over_dbus_reaches_the_guest_and_stats_count_its_io() {
     let blockd =
         Blockd::start_with(&dir, &format!("file={},format=raw,id=vd0", image.display()), &dbus_args(&bus, "rsz"));
     let c = Dbus::connect(&bus, "rsz");
-    let mut q = Qemu::boot(&dir, "1", &blockd, 1, 1);
-    assert_eq!(q.ask("SZ", "R=$(cat /sys/block/vda/size)"), (8 * MIB / 512).to_string());
+    let mut q = boot(&dir, "1", &blockd, 1, 1);
+    assert_eq!(q.ask("SZ", "R=$(cat /sys/block/vda/size)", REPLY), (8 * MIB / 512).to_string());
 
     // query-blockstats moves by what the guest does: 64 KiB written with O_DIRECT-free dd +
     // fsync (one or more requests), and 64 KiB read after dropping the page cache.
     let (wb, wo, rb, fl) =
         (stat(&c, "wr_bytes"), stat(&c, "wr_operations"), stat(&c, "rd_bytes"), stat(&c, "flush_operations"));
-    assert_eq!(q.ask("WR", &write_cmd('S', 4 * MIB)), "0");
+    assert_eq!(q.ask("WR", &write_cmd('S', 4 * MIB), REPLY), "0");
     assert_eq!(stat(&c, "wr_bytes") - wb, LEN as u64, "exactly the guest's 64 KiB were written");
     assert!(stat(&c, "wr_operations") > wo);
     assert!(stat(&c, "flush_operations") > fl, "conv=fsync flushes");
     assert_eq!(stat(&c, "wr_highest_offset"), 4 * MIB + LEN as u64);
-    let s = q.ask("MS", &fill_md5_cmd('S'));
-    assert_eq!(q.ask("RD", &read_md5_cmd(4 * MIB)), s);
+    let s = q.ask("MS", &fill_md5_cmd('S'), REPLY);
+    assert_eq!(q.ask("RD", &read_md5_cmd(4 * MIB), REPLY), s);
     assert!(stat(&c, "rd_bytes") - rb >= LEN as u64, "the guest's read is counted");
     let all = c.call("QueryBlockstats", &());
     assert_eq!(all[0]["device"], "vd0");
@@ -516,16 +446,16 @@ fn block_resize_over_dbus_reaches_the_guest_and_stats_count_its_io() {
     let want = (24 * MIB / 512).to_string();
     let deadline = Instant::now() + REPLY;
     loop {
-        let got = q.ask("SZ", "R=$(cat /sys/block/vda/size)");
+        let got = q.ask("SZ", "R=$(cat /sys/block/vda/size)", REPLY);
         if got == want {
             break;
         }
         assert!(Instant::now() < deadline, "/sys/block/vda/size is {got}, want {want}");
     }
     // The new space is usable.
-    assert_eq!(q.ask("WN", &write_cmd('N', 20 * MIB)), "0");
-    let n = q.ask("MN", &fill_md5_cmd('N'));
-    assert_eq!(q.ask("RN", &read_md5_cmd(20 * MIB)), n);
+    assert_eq!(q.ask("WN", &write_cmd('N', 20 * MIB), REPLY), "0");
+    let n = q.ask("MN", &fill_md5_cmd('N'), REPLY);
+    assert_eq!(q.ask("RN", &read_md5_cmd(20 * MIB), REPLY), n);
     q.poweroff();
     let log = blockd.stop();
     assert!(log.contains("resized"), "{log}");
@@ -543,7 +473,7 @@ fn snapshot_while_the_guest_writes_keeps_every_write() {
     let blockd =
         Blockd::start_with(&dir, &format!("file={},format=qcow2,id=vd0", image.display()), &dbus_args(&bus, "snap"));
     let c = Dbus::connect(&bus, "snap");
-    let mut q = Qemu::boot(&dir, "1", &blockd, 1, 1);
+    let mut q = boot(&dir, "1", &blockd, 1, 1);
 
     // 40 x 64 KiB of 'W', each fsync'd, in the background; the snapshot lands in the middle.
     let blocks = 40;
@@ -564,9 +494,9 @@ fn snapshot_while_the_guest_writes_keeps_every_write() {
     let info = c.call("QueryBlock", &());
     assert_eq!(info[0]["inserted"]["file"], overlay.display().to_string(), "{info}");
     assert_eq!(info[0]["inserted"]["backing_file"], image.display().to_string(), "{info}");
-    let w = q.ask("MW", &fill_md5_cmd('W'));
+    let w = q.ask("MW", &fill_md5_cmd('W'), REPLY);
     for i in [0u64, 5, 20, 39] {
-        assert_eq!(q.ask("RW", &read_md5_cmd(i * LEN as u64)), w, "block {i}");
+        assert_eq!(q.ask("RW", &read_md5_cmd(i * LEN as u64), REPLY), w, "block {i}");
     }
     q.poweroff();
     blockd.stop();
@@ -605,10 +535,10 @@ fn cache_none_opens_the_image_with_o_direct() {
             .is_some_and(|f| f & libc::O_DIRECT as u32 != 0)
     });
     assert!(direct, "no O_DIRECT descriptor on {}", image.display());
-    let mut q = Qemu::boot(&dir, "1", &blockd, 1, 1);
-    assert_eq!(q.ask("WR", &write_cmd('D', 3 * MIB)), "0");
-    let d = q.ask("MD", &fill_md5_cmd('D'));
-    assert_eq!(q.ask("RD", &read_md5_cmd(3 * MIB)), d);
+    let mut q = boot(&dir, "1", &blockd, 1, 1);
+    assert_eq!(q.ask("WR", &write_cmd('D', 3 * MIB), REPLY), "0");
+    let d = q.ask("MD", &fill_md5_cmd('D'), REPLY);
+    assert_eq!(q.ask("RD", &read_md5_cmd(3 * MIB), REPLY), d);
     q.poweroff();
     blockd.stop();
     let mut got = vec![0u8; LEN];
@@ -628,7 +558,7 @@ fn enospc_holds_the_write_until_resume_and_nothing_is_lost() {
         Blockd::start_with(&dir, &format!("file={},format=raw,id=vd0", image.display()), &dbus_args(&bus, "nospc"));
     let c = Dbus::connect(&bus, "nospc");
     let mut events = c.block_events();
-    let mut q = Qemu::boot(&dir, "1", &blockd, 1, 1);
+    let mut q = boot(&dir, "1", &blockd, 1, 1);
     assert_eq!(c.call("QueryBlock", &())[0]["io-status"], "ok");
 
     // 2 MiB of 'E' do not fit in 1 MiB: blockd holds the failing write(s).
