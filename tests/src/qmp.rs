@@ -334,6 +334,13 @@ impl RawQmp {
         self.cmd(&req.to_string())
     }
 
+    /// Runs a command that must succeed and returns its `return` value (panics with the reply
+    /// otherwise).
+    pub fn ok(&mut self, name: &str, args: Value) -> Value {
+        let r = self.execute(name, args.clone());
+        r.get("return").cloned().unwrap_or_else(|| panic!("{name} {args} failed: {r}"))
+    }
+
     pub fn negotiate(&mut self) {
         let r = self.cmd(r#"{"execute": "qmp_capabilities"}"#);
         assert_eq!(r, json!({"return": {}}), "qmp_capabilities");

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_tests::console::{field, Console};
 use flotilla_tests::process::{wait_daemon_child, wait_gone};
-use flotilla_tests::qmp::{class, QmpVm, RawQmp, VmOptions, BOOT, REPLY};
-use serde_json::{json, Value};
+use flotilla_tests::qmp::{class, QmpVm, VmOptions, BOOT, REPLY};
+use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -38,10 +38,6 @@ fn memfd_allocated(pid: i32) -> u64 {
     by_inode.values().sum()
 }
 
-fn ok(q: &mut RawQmp, name: &str, args: Value) -> Value {
-    let r = q.execute(name, args.clone());
-    r.get("return").cloned().unwrap_or_else(|| panic!("{name} {args} failed: {r}"))
-}
 
 fn pages(line: &str, key: &str) -> u64 {
     field(line, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {key} in {line}"))
@@ -77,7 +73,7 @@ fn balloon_inflates_frees_host_memory_deflates_and_reports_stats() {
 
     let init = con.command("balloon", "BALLOON", REPLY).expect("balloon");
     assert_eq!(pages(&init, "num_pages"), 0, "{init}");
-    assert_eq!(ok(&mut q, "query-balloon", json!({}))["actual"], RAM, "nothing inflated yet");
+    assert_eq!(q.ok("query-balloon", json!({}))["actual"], RAM, "nothing inflated yet");
 
     // Make the guest's spare memory really allocated on the host, then give 64 MiB back.
     let touched = con.command("touch 80", "TOUCHED", REPLY).expect("touch");
@@ -86,7 +82,7 @@ fn balloon_inflates_frees_host_memory_deflates_and_reports_stats() {
     let before = memfd_allocated(core);
     let target = RAM - 64 * MIB;
     let t0 = Instant::now();
-    assert_eq!(ok(&mut q, "balloon", json!({"value": target})), json!({}));
+    assert_eq!(q.ok("balloon", json!({"value": target})), json!({}));
     wait_ballooned(&mut con, 64 * MIB / PAGE);
     let inflate_time = t0.elapsed();
     let change = q.wait_event("BALLOON_CHANGE", REPLY);
@@ -94,21 +90,21 @@ fn balloon_inflates_frees_host_memory_deflates_and_reports_stats() {
     while actual != target {
         actual = q.wait_event("BALLOON_CHANGE", REPLY)["data"]["actual"].as_u64().unwrap_or(0);
     }
-    assert_eq!(ok(&mut q, "query-balloon", json!({}))["actual"], target);
+    assert_eq!(q.ok("query-balloon", json!({}))["actual"], target);
     let after = memfd_allocated(core);
     let freed = before.saturating_sub(after);
     eprintln!("inflating 64 MiB took {inflate_time:?}; the memfd went from {before} to {after} bytes ({freed} freed)");
     assert!(freed >= 60 * MIB, "only {freed} bytes of guest RAM went back to the host (before {before}, after {after})");
 
     // HMP reads the same.
-    let info = ok(&mut q, "human-monitor-command", json!({"command-line": "info balloon"}));
+    let info = q.ok("human-monitor-command", json!({"command-line": "info balloon"}));
     assert!(info.as_str().unwrap_or_default().starts_with("balloon: actual=64"), "{info}");
 
     // Statistics reach query-balloon once the guest has sent them.
     con.command("balloonstats", "BALLOONSTATS", REPLY).expect("balloonstats");
     let deadline = Instant::now() + REPLY;
     let stats = loop {
-        let b = ok(&mut q, "query-balloon", json!({}));
+        let b = q.ok("query-balloon", json!({}));
         if b.get("total_mem").is_some() {
             break b;
         }
@@ -125,13 +121,13 @@ fn balloon_inflates_frees_host_memory_deflates_and_reports_stats() {
     let balloond = daemon_pid(&vm, "balloond", REPLY).expect("balloond still running");
 
     // Deflate, through HMP's `balloon <MiB>`: the pages come back and are usable.
-    let r = ok(&mut q, "human-monitor-command", json!({"command-line": format!("balloon {}", RAM / MIB)}));
+    let r = q.ok("human-monitor-command", json!({"command-line": format!("balloon {}", RAM / MIB)}));
     assert_eq!(r, json!(""), "HMP balloon printed something");
     wait_ballooned(&mut con, 0);
     // The guest reads every deflated page whole (64 MiB at kvm_pvm's emulated speed: seconds).
     let check = con.command("touchcheck", "TOUCHCHECK", Duration::from_secs(60)).expect("touchcheck");
     assert!(check.starts_with("TOUCHCHECK ok "), "{check}");
-    assert_eq!(ok(&mut q, "query-balloon", json!({}))["actual"], RAM);
+    assert_eq!(q.ok("query-balloon", json!({}))["actual"], RAM);
     assert_eq!(daemon_pid(&vm, "balloond", REPLY), Some(balloond), "balloond restarted: it crashed");
 
     // The seed's errors.
@@ -141,7 +137,7 @@ fn balloon_inflates_frees_host_memory_deflates_and_reports_stats() {
     assert_eq!(class(&r), "InvalidParameterType", "{r}");
 
     let mut vm = vm;
-    ok(&mut q, "quit", json!({}));
+    q.ok("quit", json!({}));
     vm.assert_exits_0_and_cleaned_up(core);
     assert!(wait_gone(balloond, Duration::from_secs(2)), "balloond outlived the VM");
 }

@@ -78,10 +78,6 @@ fn qmp(vm: &QmpVm) -> RawQmp {
     q
 }
 
-fn ok(q: &mut RawQmp, name: &str, args: Value) -> Value {
-    let r = q.execute(name, args.clone());
-    r.get("return").cloned().unwrap_or_else(|| panic!("{name} {args} failed: {r}"))
-}
 
 fn error_class(q: &mut RawQmp, name: &str, args: Value) -> String {
     let r = q.execute(name, args.clone());
@@ -90,7 +86,7 @@ fn error_class(q: &mut RawQmp, name: &str, args: Value) -> String {
 }
 
 fn hmp(q: &mut RawQmp, line: &str) -> String {
-    ok(q, "human-monitor-command", json!({"command-line": line})).as_str().unwrap_or_default().to_string()
+    q.ok("human-monitor-command", json!({"command-line": line})).as_str().unwrap_or_default().to_string()
 }
 
 fn guest_blk(con: &mut Console) -> String {
@@ -138,7 +134,7 @@ fn every_block_command_end_to_end_with_the_guest_confirming() {
     assert!(qd.ends_with(" ok") && field(&qd, "status") == Some("0"), "{qd}");
 
     // query-block names the drive by its id and describes the image.
-    let blocks = ok(&mut q, "query-block", json!({}));
+    let blocks = q.ok("query-block", json!({}));
     let d0 = blocks.as_array().and_then(|l| l.iter().find(|b| b["device"] == "disk0")).cloned();
     let d0 = d0.unwrap_or_else(|| panic!("disk0 not in query-block: {blocks}"));
     assert_eq!(d0["inserted"]["file"], image.display().to_string(), "{d0}");
@@ -147,7 +143,7 @@ fn every_block_command_end_to_end_with_the_guest_confirming() {
     assert_eq!(d0["removable"], false, "{d0}");
 
     // query-blockstats counted what the guest did.
-    let stats = ok(&mut q, "query-blockstats", json!({}));
+    let stats = q.ok("query-blockstats", json!({}));
     let s0 = stats.as_array().and_then(|l| l.iter().find(|b| b["device"] == "disk0")).cloned();
     let s0 = s0.unwrap_or_else(|| panic!("disk0 not in query-blockstats: {stats}"));
     let st = &s0["stats"];
@@ -164,7 +160,7 @@ fn every_block_command_end_to_end_with_the_guest_confirming() {
     assert!(bs.starts_with("disk0: rd_bytes="), "{bs:?}");
 
     // block_resize: the image grows and the guest sees the new capacity at once.
-    assert_eq!(ok(&mut q, "block_resize", json!({"device": "disk0", "size": 32 * MIB})), json!({}));
+    assert_eq!(q.ok("block_resize", json!({"device": "disk0", "size": 32 * MIB})), json!({}));
     let changed = con.expect("BLKCONFIG", REPLY).expect("config-change interrupt");
     assert_eq!(capacity(&changed), 32 * MIB / SECTOR, "{changed}");
     assert_eq!(std::fs::metadata(&image).expect("image").len(), 32 * MIB);
@@ -186,8 +182,7 @@ fn every_block_command_end_to_end_with_the_guest_confirming() {
 
     // blockdev-snapshot-sync: new writes land in the overlay, old data reads through it.
     let overlay = dir.path("overlay.qcow2");
-    let r = ok(
-        &mut q,
+    let r = q.ok(
         "blockdev-snapshot-sync",
         json!({"device": "disk0", "snapshot-file": overlay.display().to_string(), "format": "qcow2"}),
     );
@@ -195,7 +190,7 @@ fn every_block_command_end_to_end_with_the_guest_confirming() {
     blkwrite(&mut con, 200, 8, 0xcafe_f00d);
     blkcheck(&mut con, 200, 8, 0xcafe_f00d);
     blkcheck(&mut con, 100, 16, 0xdead_beef);
-    let blocks = ok(&mut q, "query-block", json!({}));
+    let blocks = q.ok("query-block", json!({}));
     let d0 = &blocks[0];
     assert_eq!(d0["inserted"]["file"], overlay.display().to_string(), "{d0}");
     assert_eq!(d0["inserted"]["drv"], "qcow2", "{d0}");
@@ -210,7 +205,7 @@ fn every_block_command_end_to_end_with_the_guest_confirming() {
     assert_ne!(buf, sector_bytes(0xcafe_f00d, 200), "a write after the snapshot reached the base image");
     let mut vm = vm;
     let core = vm.vmm_core();
-    ok(&mut q, "quit", json!({}));
+    q.ok("quit", json!({}));
     vm.assert_exits_0_and_cleaned_up(core);
     run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&overlay));
     let flat = dir.path("flat.raw");
@@ -264,20 +259,20 @@ fn enospc_with_werror_stop_pauses_in_io_error_and_cont_completes_the_write() {
     assert_eq!(err["data"]["operation"], "write", "{err}");
     assert_eq!(err["data"]["action"], "stop", "{err}");
     q.wait_event("STOP", REPLY);
-    let st = ok(&mut q, "query-status", json!({}));
+    let st = q.ok("query-status", json!({}));
     assert_eq!(st["status"], "io-error", "{st}");
     assert_eq!(st["running"], false, "{st}");
-    let blocks = ok(&mut q, "query-block", json!({}));
+    let blocks = q.ok("query-block", json!({}));
     assert_eq!(blocks[0]["io-status"], "nospace", "{blocks}");
 
     // Space is freed; cont retries the held request and the guest's write completes.
     fs.resize("64m");
-    ok(&mut q, "cont", json!({}));
+    q.ok("cont", json!({}));
     q.wait_event("RESUME", REPLY);
     let wrote = con.expect("BLKWROTE", REPLY).expect("the held write completes");
     assert_eq!(field(&wrote, "status"), Some("0"), "{wrote}");
     blkcheck(&mut con, 0, 8192, 0xa5a5_a5a5);
-    let blocks = ok(&mut q, "query-block", json!({}));
+    let blocks = q.ok("query-block", json!({}));
     assert_eq!(blocks[0]["io-status"], "ok", "{blocks}");
     let flush = con.command("blkflush", "BLKFLUSH", REPLY).expect("blkflush");
     assert_eq!(field(&flush, "status"), Some("0"), "{flush}");
@@ -311,7 +306,7 @@ fn a_hostile_guest_gets_errors_and_blockd_keeps_serving() {
     }
     assert!(!con.history.iter().any(|l| l.starts_with("WARN blk")), "the device needed a reset: {:?}", con.history);
     assert_eq!(blockd_pid(&vm, None, REPLY), Some(blockd), "blockd was restarted: it died");
-    let st = ok(&mut q, "query-status", json!({}));
+    let st = q.ok("query-status", json!({}));
     assert_eq!(st["status"], "running", "{st}");
     let flush = con.command("blkflush", "BLKFLUSH", REPLY).expect("blkflush");
     assert_eq!(field(&flush, "status"), Some("0"), "{flush}");
@@ -383,7 +378,7 @@ fn a_blockd_restarted_after_a_snapshot_goes_on_with_the_overlay() {
     guest_blk(&mut con);
     blkwrite(&mut con, 10, 8, 0xaaaa_0001);
     let snap = json!({"device": "d0", "snapshot-file": overlay.display().to_string(), "format": "qcow2"});
-    assert_eq!(ok(&mut q, "blockdev-snapshot-sync", snap), json!({}));
+    assert_eq!(q.ok("blockdev-snapshot-sync", snap), json!({}));
     blkwrite(&mut con, 20, 8, 0xbbbb_0002);
     // Make the overlay's write durable first: imago keeps qcow2 metadata (the new cluster's
     // L2 entry) in blockd's memory until a flush, so a SIGKILL before one loses the mapping
@@ -399,14 +394,14 @@ fn a_blockd_restarted_after_a_snapshot_goes_on_with_the_overlay() {
     for (sector, pattern) in [(10, 0xaaaa_0001), (20, 0xbbbb_0002), (30, 0xcccc_0003)] {
         blkcheck(&mut con, sector, 8, pattern);
     }
-    let blocks = ok(&mut q, "query-block", json!({}));
+    let blocks = q.ok("query-block", json!({}));
     assert_eq!(blocks[0]["inserted"]["file"], overlay.display().to_string(), "{blocks}");
     assert_eq!(blocks[0]["inserted"]["backing_file"], image.display().to_string(), "{blocks}");
     let flush = con.command("blkflush", "BLKFLUSH", REPLY).expect("blkflush");
     assert_eq!(field(&flush, "status"), Some("0"), "{flush}");
     let mut vm = vm;
     let core = vm.vmm_core();
-    ok(&mut q, "quit", json!({}));
+    q.ok("quit", json!({}));
     vm.assert_exits_0_and_cleaned_up(core);
     // The base image holds only what was written before the snapshot.
     assert_image_pattern(&image, 10, 8, 0xaaaa_0001);

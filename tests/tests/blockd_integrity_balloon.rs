@@ -9,18 +9,14 @@ use std::time::{Duration, Instant};
 
 use flotilla_tests::console::{field, Console};
 use flotilla_tests::process::{wait_daemon_child, wait_gone};
-use flotilla_tests::qmp::{QmpVm, RawQmp, VmOptions, BOOT, REPLY};
-use serde_json::{json, Value};
+use flotilla_tests::qmp::{QmpVm, VmOptions, BOOT, REPLY};
+use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 /// QmpVm boots every guest with -m 128.
 const RAM: u64 = 128 * MIB;
 
-fn ok(q: &mut RawQmp, name: &str, args: Value) -> Value {
-    let r = q.execute(name, args.clone());
-    r.get("return").cloned().unwrap_or_else(|| panic!("{name} {args} failed: {r}"))
-}
 
 fn pages(line: &str, key: &str) -> u64 {
     field(line, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {key} in {line}"))
@@ -59,10 +55,10 @@ fn a_restarted_balloond_gets_the_target_back() {
     assert_eq!(pages(&init, "num_pages"), 0, "{init}");
     let want = 32 * MIB / PAGE;
     let target = RAM - 32 * MIB;
-    assert_eq!(ok(&mut q, "balloon", json!({"value": target})), json!({}));
+    assert_eq!(q.ok("balloon", json!({"value": target})), json!({}));
     wait_ballooned(&mut con, want);
     let deadline = Instant::now() + REPLY;
-    while ok(&mut q, "query-balloon", json!({}))["actual"] != target {
+    while q.ok("query-balloon", json!({}))["actual"] != target {
         assert!(Instant::now() < deadline, "the guest's balloon size never reached balloond");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -93,14 +89,14 @@ fn a_restarted_balloond_gets_the_target_back() {
         assert_eq!(pages(&l, "num_pages"), want, "the restarted balloond lost the target: {l}");
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert_eq!(ok(&mut q, "query-balloon", json!({}))["actual"], target);
+    assert_eq!(q.ok("query-balloon", json!({}))["actual"], target);
     // A new target still reaches the guest through the new balloond.
-    assert_eq!(ok(&mut q, "balloon", json!({"value": RAM})), json!({}));
+    assert_eq!(q.ok("balloon", json!({"value": RAM})), json!({}));
     wait_ballooned(&mut con, 0);
     assert_eq!(balloond_pid(&vm, Some(first), REPLY), Some(second), "balloond restarted again: it crashed");
 
     let mut vm = vm;
-    ok(&mut q, "quit", json!({}));
+    q.ok("quit", json!({}));
     vm.assert_exits_0_and_cleaned_up(core);
     assert!(wait_gone(second, Duration::from_secs(2)), "balloond outlived the VM");
 }

@@ -116,10 +116,6 @@ fn wait_serial(
     }
 }
 
-fn ok(q: &mut RawQmp, name: &str, args: Value) -> Value {
-    let r = q.execute(name, args.clone());
-    r.get("return").cloned().unwrap_or_else(|| panic!("{name} {args} failed: {r}"))
-}
 
 /// One at a time: a boot is a core's worth of emulation for minutes.
 static ONE_BOOT_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -307,20 +303,20 @@ fn linux_netconsole_through_netd_on_a_tap() {
     let mut q = m.qmp();
 
     // QMP: the NIC in query-pci with its qdev id, info network, set_link through netd.
-    let pci = ok(&mut q, "query-pci", json!({}));
+    let pci = q.ok("query-pci", json!({}));
     let nic = pci[0]["devices"].as_array().expect("devices").iter().find(|d| d["qdev_id"] == "nic0").cloned();
     let nic = nic.unwrap_or_else(|| panic!("no nic0 in query-pci: {pci}"));
     assert_eq!(nic["class_info"], json!({"class": 512, "desc": "Ethernet controller"}));
     assert_eq!(nic["id"]["device"], json!(0x1041));
-    let info = ok(&mut q, "human-monitor-command", json!({"command-line": "info network"}));
+    let info = q.ok("human-monitor-command", json!({"command-line": "info network"}));
     assert_eq!(
         info,
         json!(format!(
             "nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n \\ net0: index=0,type=tap,ifname={TAP},script=no,downscript=no\r\n"
         ))
     );
-    assert_eq!(ok(&mut q, "set_link", json!({"name": "nic0", "up": false})), json!({}));
-    assert_eq!(ok(&mut q, "set_link", json!({"name": "net0", "up": true})), json!({}));
+    assert_eq!(q.ok("set_link", json!({"name": "nic0", "up": false})), json!({}));
+    assert_eq!(q.ok("set_link", json!({"name": "net0", "up": true})), json!({}));
     let r = q.execute("set_link", json!({"name": "nosuch", "up": true}));
     assert_eq!(r["error"]["class"], "DeviceNotFound", "{r}");
 
@@ -329,12 +325,12 @@ fn linux_netconsole_through_netd_on_a_tap() {
     // within milliseconds of its console copy; Linux's driver stops its transmit queues at the
     // config interrupt, so netconsole holds it and sends it once the link is back), and a line
     // made after set_link up does arrive. The later line's arrival bounds the wait.
-    assert_eq!(ok(&mut q, "set_link", json!({"name": "nic0", "up": false})), json!({}));
-    assert_eq!(ok(&mut q, "system_powerdown", json!({})), json!({}));
+    assert_eq!(q.ok("set_link", json!({"name": "nic0", "up": false})), json!({}));
+    assert_eq!(q.ok("system_powerdown", json!({})), json!({}));
     let while_down = m.wait_serial(POWER_KEY_EVENT, EVENT_WAIT).unwrap_or_else(|e| m.fail(e));
     let up_sent = Instant::now();
-    assert_eq!(ok(&mut q, "set_link", json!({"name": "net0", "up": true})), json!({}));
-    assert_eq!(ok(&mut q, "system_powerdown", json!({})), json!({}));
+    assert_eq!(q.ok("set_link", json!({"name": "net0", "up": true})), json!({}));
+    assert_eq!(q.ok("system_powerdown", json!({})), json!({}));
     let while_up = m.wait_serial(POWER_KEY_EVENT, EVENT_WAIT).unwrap_or_else(|e| m.fail(e));
     assert_ne!(while_down, while_up, "two presses, two time stamps");
     if let Err(e) = m.wait_datagram(&while_up, Duration::from_secs(30)) {
@@ -412,7 +408,7 @@ fn linux_netconsole_through_netd_on_user_networking() {
     let listener = UdpSocket::bind(("127.0.0.1", PORT)).expect("binding the netconsole listener");
     let m = NetBoot::start("netd-linux-user", "user,id=net0", listener);
     let mut q = m.qmp();
-    let info = ok(&mut q, "human-monitor-command", json!({"command-line": "info network"}));
+    let info = q.ok("human-monitor-command", json!({"command-line": "info network"}));
     assert_eq!(
         info,
         json!("nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n \\ net0: index=0,type=user,net=10.0.2.0,restrict=off\r\n")
@@ -457,7 +453,7 @@ fn nics_of_every_spelling_reach_the_machine() {
 
     let mut q = vm.raw(0);
     q.negotiate();
-    let pci = ok(&mut q, "query-pci", json!({}));
+    let pci = q.ok("query-pci", json!({}));
     let nics: Vec<(u64, String)> = pci[0]["devices"]
         .as_array()
         .expect("devices")
@@ -466,7 +462,7 @@ fn nics_of_every_spelling_reach_the_machine() {
         .map(|d| (d["slot"].as_u64().unwrap_or(99), d["qdev_id"].as_str().unwrap_or("?").to_string()))
         .collect();
     assert_eq!(nics, [(1, String::new()), (5, "nic0".to_string())], "{pci}");
-    let info = ok(&mut q, "human-monitor-command", json!({"command-line": "info network"}));
+    let info = q.ok("human-monitor-command", json!({"command-line": "info network"}));
     assert_eq!(
         info,
         json!(
@@ -478,7 +474,7 @@ fn nics_of_every_spelling_reach_the_machine() {
     );
     // set_link by each name set_link knows: the qdev id, the -netdev id, QEMU's -net names.
     for name in ["nic0", "u0", "virtio-net-pci.0", "user.0"] {
-        assert_eq!(ok(&mut q, "set_link", json!({"name": name, "up": false})), json!({}), "{name}");
+        assert_eq!(q.ok("set_link", json!({"name": name, "up": false})), json!({}), "{name}");
     }
     let r = q.execute("set_link", json!({"name": "nosuch", "up": true}));
     assert_eq!(r["error"]["class"], "DeviceNotFound", "{r}");
@@ -518,7 +514,7 @@ fn an_inherited_tap_fd_reaches_netd() {
     let mut con = vm.console_ready();
     let mut q = vm.raw(0);
     q.negotiate();
-    let info = ok(&mut q, "human-monitor-command", json!({"command-line": "info network"}));
+    let info = q.ok("human-monitor-command", json!({"command-line": "info network"}));
     assert_eq!(
         info,
         json!(format!(
@@ -528,7 +524,7 @@ fn an_inherited_tap_fd_reaches_netd() {
     let netd = flotilla_tests::process::daemon_child(vm.pid(), "netd", None).expect("a netd child");
     let link = std::fs::read_link(format!("/proc/{netd}/fd/{fd}")).expect("netd holds the descriptor's number");
     assert_eq!(link, Path::new("/dev/net/tun"), "netd's fd {fd}");
-    assert_eq!(ok(&mut q, "set_link", json!({"name": "n0", "up": false})), json!({}));
+    assert_eq!(q.ok("set_link", json!({"name": "n0", "up": false})), json!({}));
     let core = vm.vmm_core();
     let tun_in_core = std::fs::read_link(format!("/proc/{core}/fd/{fd}")).is_ok_and(|l| l == Path::new("/dev/net/tun"));
     assert!(!tun_in_core, "only netd inherits the tap, not vmm-core");
@@ -626,7 +622,7 @@ fn a_killed_netd_is_restarted_with_the_same_host_sides() {
         assert!(Instant::now() < deadline, "set_link never reached the restarted netd: {r}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(ok(&mut q, "set_link", json!({"name": "t0", "up": false})), json!({}));
+    assert_eq!(q.ok("set_link", json!({"name": "t0", "up": false})), json!({}));
     let core = vm.vmm_core();
     con.command("poweroff", "POWEROFF", Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
     vm.assert_exits_0_and_cleaned_up(core);

@@ -37,7 +37,7 @@ use flotilla_tests::killer::{serving, Killer, Plan, Report};
 use flotilla_tests::process::{daemon_child, wait_daemon_child};
 use flotilla_tests::process::{wait_timeout, Collector, Reaper};
 use flotilla_tests::qmp::{QmpVm, RawQmp, VmOptions, BOOT, EXIT, REPLY};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
@@ -106,10 +106,6 @@ fn qmp(vm: &QmpVm) -> RawQmp {
     q
 }
 
-fn ok(q: &mut RawQmp, name: &str, args: Value) -> Value {
-    let r = q.execute(name, args.clone());
-    r.get("return").cloned().unwrap_or_else(|| panic!("{name} {args} failed: {r}"))
-}
 
 /// The throttle on blockd: the launcher (whose later children, restarted blockds, inherit it)
 /// and the blockd running now. None, said on stderr, where the host has no v1 blkio.
@@ -240,7 +236,7 @@ fn print_report(what: &str, r: &Report) {
 
 /// Quits over QMP and returns everything the launcher and its daemons wrote to stderr.
 fn quit(mut vm: QmpVm, q: &mut RawQmp) -> String {
-    ok(q, "quit", json!({}));
+    q.ok("quit", json!({}));
     let status = vm.wait_exit(EXIT);
     let log = vm.stderr.take();
     assert!(status.success(), "flotilla ended with {status:?}:\n{log}");
@@ -463,7 +459,7 @@ fn balloond_killed_while_inflating_the_guest_still_reaches_the_target() {
             assert!(Instant::now() < deadline, "step {i}: no balloond serving");
             std::thread::sleep(Duration::from_millis(5));
         }
-        ok(&mut q, "balloon", json!({"value": RAM - mib * MIB}));
+        q.ok("balloon", json!({"value": RAM - mib * MIB}));
         let killer = Killer::start(
             vm.pid(),
             Plan {

@@ -338,17 +338,13 @@ fn symbolize(syms: &[(u64, String)], pc: u64) -> String {
     }
 }
 
-fn ok(q: &mut RawQmp, name: &str, args: Value) -> Value {
-    let r = q.execute(name, args.clone());
-    r.get("return").cloned().unwrap_or_else(|| panic!("{name} {args} failed: {r}"))
-}
 
 /// Sends `balloon` to `target` and waits for BALLOON_CHANGE events up to `actual == target`;
 /// returns the time from the command to that event and how many events came.
 fn balloon_to(q: &mut RawQmp, target: u64) -> (Duration, usize) {
     q.events.retain(|e| e["event"] != "BALLOON_CHANGE");
     let t0 = Instant::now();
-    assert_eq!(ok(q, "balloon", json!({"value": target})), json!({}));
+    assert_eq!(q.ok("balloon", json!({"value": target})), json!({}));
     let deadline = t0 + BALLOON_WAIT;
     let mut events = 0;
     loop {
@@ -430,7 +426,7 @@ fn linux_on_vmm_core_drivers_balloon_power_button_and_reset() {
     let mut q = m.qmp();
 
     // 3. Every vCPU runs the kernel or the spinning init, at least one the kernel.
-    let cpus = ok(&mut q, "query-cpus", Value::Null);
+    let cpus = q.ok("query-cpus", Value::Null);
     let cpus = cpus.as_array().expect("query-cpus returns a list").clone();
     assert_eq!(cpus.len(), 2, "{cpus:?}");
     let mut in_kernel = None;
@@ -451,8 +447,7 @@ fn linux_on_vmm_core_drivers_balloon_power_button_and_reset() {
     let printed = banner_text(&banner).to_string();
     let want: Vec<u8> = [printed.as_bytes(), b"\n\0"].concat();
     let out = m.dir.path("banner.bin");
-    let r = ok(
-        &mut q,
+    let r = q.ok(
         "memsave",
         json!({"val": banner_addr as i64, "size": want.len(), "filename": out.display().to_string(), "cpu-index": kernel_cpu}),
     );
@@ -466,12 +461,12 @@ fn linux_on_vmm_core_drivers_balloon_power_button_and_reset() {
 
     // 5. The balloon: RAM was preallocated, inflating gives pages back to the host, deflating
     // returns them to the guest.
-    assert_eq!(ok(&mut q, "query-balloon", Value::Null)["actual"], RAM, "nothing inflated yet");
+    assert_eq!(q.ok("query-balloon", Value::Null)["actual"], RAM, "nothing inflated yet");
     let before = guest_ram_allocated(core);
     assert!(before >= RAM - MIB, "-mem-prealloc: only {before} of {RAM} bytes allocated");
     let target = RAM - BALLOON_MIB * MIB;
     let (inflate, events) = balloon_to(&mut q, target);
-    assert_eq!(ok(&mut q, "query-balloon", Value::Null)["actual"], target);
+    assert_eq!(q.ok("query-balloon", Value::Null)["actual"], target);
     let after = guest_ram_allocated(core);
     let freed = before.saturating_sub(after);
     eprintln!(
@@ -482,7 +477,7 @@ fn linux_on_vmm_core_drivers_balloon_power_button_and_reset() {
     );
     assert!(freed >= BALLOON_MIB * MIB * 7 / 8, "only {freed} bytes went back to the host ({before} -> {after})");
     let (deflate, events) = balloon_to(&mut q, RAM);
-    assert_eq!(ok(&mut q, "query-balloon", Value::Null)["actual"], RAM);
+    assert_eq!(q.ok("query-balloon", Value::Null)["actual"], RAM);
     eprintln!(
         "balloon: deflated {BALLOON_MIB} MiB in {deflate:.1?} ({:.1} MiB/s, {events} events); memfd allocated now {} bytes",
         BALLOON_MIB as f64 / deflate.as_secs_f64(),
@@ -492,7 +487,7 @@ fn linux_on_vmm_core_drivers_balloon_power_button_and_reset() {
     // 6. The ACPI power button reaches the input layer, after the command and not before.
     assert!(m.log.find(0, "Code: 116").is_none(), "a power-button event before system_powerdown");
     let sent = Instant::now();
-    assert_eq!(ok(&mut q, "system_powerdown", Value::Null), json!({}));
+    assert_eq!(q.ok("system_powerdown", Value::Null), json!({}));
     q.wait_event("POWERDOWN", EVENT_WAIT);
     let key = m.expect_line(POWER_KEY_EVENT, EVENT_WAIT);
     eprintln!("power button: evbug saw KEY_POWER {:.1?} after system_powerdown", key.at - sent);
@@ -503,7 +498,7 @@ fn linux_on_vmm_core_drivers_balloon_power_button_and_reset() {
 
     // 7. system_reset boots the kernel again, to init.
     let reset = Instant::now();
-    assert_eq!(ok(&mut q, "system_reset", Value::Null), json!({}));
+    assert_eq!(q.ok("system_reset", Value::Null), json!({}));
     q.wait_event("RESET", EVENT_WAIT);
     let banner2 = m.expect_line_by(BANNER, reset, BOOT);
     let from = m.log.lines.len() - 1;
