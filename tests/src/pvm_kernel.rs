@@ -9,7 +9,6 @@
 //! working (its interrupts, timers and worker threads) after `Run /sbin/init`.
 
 use crate::linux_kit::{printed, run_kit_script};
-use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -30,28 +29,51 @@ pub struct PvmKernel {
 }
 
 impl PvmKernel {
-    /// A symbol's address from System.map.
+    /// Its System.map, read once per call.
+    pub fn system_map(&self) -> Result<SystemMap, String> {
+        SystemMap::read(&self.system_map)
+    }
+}
+
+/// A kernel's System.map: its symbols and their addresses, sorted by address.
+#[derive(Debug, Clone)]
+pub struct SystemMap {
+    /// (address, `nm` type letter, name).
+    symbols: Vec<(u64, char, String)>,
+}
+
+impl SystemMap {
+    pub fn read(path: &Path) -> Result<SystemMap, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let mut symbols: Vec<(u64, char, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                let addr = u64::from_str_radix(w.next()?, 16).ok()?;
+                let kind = w.next()?.chars().next()?;
+                Some((addr, kind, w.next()?.to_string()))
+            })
+            .collect();
+        symbols.sort();
+        Ok(SystemMap { symbols })
+    }
+
+    /// A symbol's address.
     pub fn symbol(&self, name: &str) -> Result<u64, String> {
-        symbols(&self.system_map)?.get(name).copied().ok_or(format!("no {name} in {}", self.system_map.display()))
+        self.symbols.iter().find(|(_, _, n)| n == name).map(|(a, _, _)| *a).ok_or(format!("no {name} in System.map"))
     }
 
     /// The kernel text's bounds (`_stext`, `_etext`).
     pub fn text(&self) -> Result<std::ops::Range<u64>, String> {
         Ok(self.symbol("_stext")?..self.symbol("_etext")?)
     }
-}
 
-fn symbols(map: &Path) -> Result<HashMap<String, u64>, String> {
-    let text = std::fs::read_to_string(map).map_err(|e| format!("reading {}: {e}", map.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            let addr = u64::from_str_radix(w.next()?, 16).ok()?;
-            let _kind = w.next()?;
-            Some((w.next()?.to_string(), addr))
-        })
-        .collect())
+    /// `symbol+0xoff` for an address within 1 MiB past a text symbol (`t`/`T`), else None.
+    pub fn symbolize(&self, pc: u64) -> Option<String> {
+        let i = self.symbols.partition_point(|(a, _, _)| *a <= pc);
+        let (a, _, name) = self.symbols[..i].iter().rev().find(|(_, k, _)| matches!(k, 't' | 'T'))?;
+        (pc - a < 0x10_0000).then(|| format!("{name}+{:#x}", pc - a))
+    }
 }
 
 /// The kernel; the build script runs at most once per process.
@@ -165,4 +187,31 @@ pub fn root_disk(path: &Path, size: u64, marker: &str) -> Result<(), String> {
         return Err(format!("mke2fs failed: {}", String::from_utf8_lossy(&out.stderr)));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_map_names_text_addresses_and_finds_symbols() {
+        let dir = std::env::temp_dir().join(format!("pvm-system-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("System.map");
+        std::fs::write(
+            &path,
+            "ffffffff81000000 T _stext\nffffffff81000100 t do_one\nffffffff81000180 D some_data\n\
+             ffffffff81800000 T _etext\nffffffff82000000 D linux_banner\n",
+        )
+        .unwrap();
+        let map = SystemMap::read(&path).unwrap();
+        assert_eq!(map.text().unwrap(), 0xffff_ffff_8100_0000..0xffff_ffff_8180_0000);
+        assert_eq!(map.symbol("linux_banner").unwrap(), 0xffff_ffff_8200_0000);
+        assert!(map.symbol("nosuch").is_err());
+        // The data symbol in between is skipped: the nearest text symbol names the address.
+        assert_eq!(map.symbolize(0xffff_ffff_8100_01a0).as_deref(), Some("do_one+0xa0"));
+        assert_eq!(map.symbolize(0x40_0078), None);
+        assert_eq!(map.symbolize(0xffff_ffff_8200_0010), None, "more than 1 MiB past _etext");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -22,7 +22,7 @@
 
 use flotilla_tests::machine::TempDir;
 use flotilla_tests::process::{binaries, describe, processes_mentioning, vmm_core_child, wait_timeout, Collector, Reaper};
-use flotilla_tests::pvm_kernel::{self, PvmKernel};
+use flotilla_tests::pvm_kernel::{self, PvmKernel, SystemMap};
 use flotilla_tests::qmp::{gateway_binary, Incoming, QmpAddr, RawQmp};
 use flotilla_tests::stamped::{Line, NoLine, StampedConsole};
 use serde_json::{json, Value};
@@ -131,8 +131,8 @@ struct Machine {
     qmp_path: PathBuf,
     started: Instant,
     dir: TempDir,
-    /// The kernel's text symbols, read at start (for naming where the vCPUs are on a failure).
-    symbols: Vec<(u64, String)>,
+    /// The kernel's System.map, read at start (for naming where the vCPUs are on a failure).
+    symbols: SystemMap,
     /// Held while the machine lives (dropped after it, as the last field).
     _turn: MutexGuard<'static, ()>,
 }
@@ -186,7 +186,7 @@ impl Machine {
             qmp_path,
             started,
             dir,
-            symbols: text_symbols(&k.system_map),
+            symbols: k.system_map().unwrap_or_else(|e| panic!("{e}")),
             _turn: turn,
         }
     }
@@ -311,31 +311,12 @@ fn guest_ram_allocated(vmm_core: i32) -> u64 {
     by_inode.values().sum()
 }
 
-/// System.map's text symbols (t/T), sorted by address; empty if it cannot be read.
-fn text_symbols(map: &Path) -> Vec<(u64, String)> {
-    let text = std::fs::read_to_string(map).unwrap_or_default();
-    let mut syms: Vec<(u64, String)> = text
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            let addr = u64::from_str_radix(w.next()?, 16).ok()?;
-            let kind = w.next()?;
-            matches!(kind, "t" | "T").then(|| Some((addr, w.next()?.to_string())))?
-        })
-        .collect();
-    syms.sort();
-    syms
-}
-
 /// `symbol+0xoff` for a kernel text address, or what else it is.
-fn symbolize(syms: &[(u64, String)], pc: u64) -> String {
+fn symbolize(map: &SystemMap, pc: u64) -> String {
     if INIT_CODE.contains(&pc) {
         return "(the spinning /sbin/init)".into();
     }
-    match syms.partition_point(|(a, _)| *a <= pc).checked_sub(1).map(|i| &syms[i]) {
-        Some((a, name)) if pc - a < 0x10_0000 => format!("{name}+{:#x}", pc - a),
-        _ => "(not in kernel text)".into(),
-    }
+    map.symbolize(pc).unwrap_or_else(|| "(not in kernel text)".into())
 }
 
 
@@ -400,8 +381,9 @@ fn root_disk(dir: &TempDir) -> PathBuf {
 #[test]
 fn linux_on_vmm_core_drivers_balloon_power_button_and_reset() {
     let k = kernel();
-    let text = k.text().expect("_stext/_etext");
-    let banner_addr = k.symbol("linux_banner").expect("linux_banner");
+    let map = k.system_map().unwrap_or_else(|e| panic!("{e}"));
+    let text = map.text().expect("_stext/_etext");
+    let banner_addr = map.symbol("linux_banner").expect("linux_banner");
     let dir = TempDir::new("vmm-core-linux");
     let disk = root_disk(&dir);
     let mut m = Machine::start(
